@@ -43,8 +43,3 @@ def next_free_index(folder: Path) -> int:
                 highest = max(highest, int(head))
     return highest + 1
 
-
-def read_parameters(path: str | os.PathLike) -> str | None:
-    """The `parameters` text of a PNG written by us or by AUTOMATIC1111, or None."""
-    with Image.open(path) as image:
-        return image.info.get("parameters")

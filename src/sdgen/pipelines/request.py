@@ -6,10 +6,12 @@ import math
 import secrets
 from dataclasses import dataclass, field, fields, replace
 
+from sdgen.errors import UserError
+
 MAX_SEED = 4294967294  # AUTOMATIC1111 draws random seeds in [0, 4294967294)
 
 
-class RequestError(ValueError):
+class RequestError(UserError, ValueError):
     """A request field with a value we cannot honour; the message names the field."""
 
 

@@ -1,0 +1,124 @@
+"""The `sdgen` command: a thin front end that builds requests and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sdgen.errors import UserError
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None, help="diffusers folder, .safetensors or .ckpt (default: the embedded model)")
+    group.add_argument("--vae", default=None, help="replace the model's VAE (folder or single file)")
+    group.add_argument("--config", default=None, help="diffusers folder whose configs describe a single-file checkpoint")
+    group.add_argument("--prediction", choices=["eps", "v"], default=None, help="override the model's prediction type")
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    group.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute precision (fp16 is refused on a CPU)")
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="what to draw")
+    parser.add_argument("--negative", default="", help="negative prompt: what to steer away from")
+    parser.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed (recorded in the image)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sampler", default="Euler a", help="see `sdgen samplers`; legacy names like 'DPM++ 2M Karras' work")
+    parser.add_argument("--scheduler", default="automatic", help="automatic, uniform, karras, exponential, ...")
+    parser.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (1 skips the unconditional pass)")
+    parser.add_argument("--width", type=int, default=None, help="multiple of 8 (default: the model's native size)")
+    parser.add_argument("--height", type=int, default=None, help="multiple of 8 (default: the model's native size)")
+    parser.add_argument("--n", type=int, default=1, help="number of images")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per U-Net call (never changes an image)")
+    parser.add_argument("--clip-skip", type=int, default=1, help="use the output of an earlier text-encoder layer")
+    parser.add_argument("--out", default="outputs", help="output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdgen", description="Stable Diffusion on your own machine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="text to image")
+    _add_generation_options(generate)
+    _add_model_options(generate)
+
+    commands.add_parser("samplers", help="list samplers and schedule types")
+
+    info = commands.add_parser("info", help="print the generation parameters stored in an image")
+    info.add_argument("image")
+
+    train = commands.add_parser("train", help="train the embedded model (resumable)")
+    train.add_argument("stage", choices=["autoencoder", "clip", "unet", "export", "all"])
+    train.add_argument("--config", default="configs/embedded.toml")
+    train.add_argument("--run", default="runs/embedded", help="run folder: checkpoints, logs, loss curves")
+    train.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    train.add_argument("--steps", type=int, default=None, help="override the stage's step count (smoke tests)")
+    train.add_argument("--out", default=None, help="export folder (default: the packaged embedded model)")
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import sdgen
+    from sdgen.pipelines.request import GenerationRequest
+
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
+        sampler=args.sampler, scheduler=args.scheduler, cfg_scale=args.cfg, width=args.width,
+        height=args.height, n=args.n, batch_size=args.batch_size, clip_skip=args.clip_skip,
+    )
+    request.validate()
+    pipeline = sdgen.load(args.model, vae=args.vae, config=args.config, prediction=args.prediction,
+                          device=args.device, dtype=args.dtype)
+    result = pipeline.generate(request, progress=True)
+    for path in result.save(Path(args.out)):
+        print(path)
+    return 0
+
+
+def run_samplers(_: argparse.Namespace) -> int:
+    from sdgen.diffusion.registry import list_samplers, list_schedulers
+
+    print("Samplers:")
+    for item in list_samplers():
+        aliases = ", ".join(item["aliases"])
+        print(f"  {item['name']:<14} default schedule: {item['options'].get('scheduler', 'uniform'):<12} aliases: {aliases}")
+    print("Schedule types (--scheduler):")
+    for item in list_schedulers():
+        print(f"  {item['name']:<14} {item['label']}")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from sdgen.pipelines.images import read_image_parameters
+
+    text = read_image_parameters(args.image)
+    print(text if text is not None else f"{args.image}: no generation parameters stored")
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from sdgen.train.embedded import run_training
+
+    run_training(args.stage, config_path=args.config, run_dir=args.run, threads=args.threads,
+                 steps=args.steps, out=args.out)
+    return 0
+
+
+COMMANDS = {"generate": run_generate, "samplers": run_samplers, "info": run_info, "train": run_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as error:
+        print(f"sdgen: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdgen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
