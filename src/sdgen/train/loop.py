@@ -124,6 +124,7 @@ def train_stage(
                     for e, p in zip(ema.parameters(), model.parameters()):
                         e.lerp_(p.detach(), 1 - settings.ema_decay)
             if step % settings.log_every == 0 or step == settings.steps - 1:
+                loss = loss.detach()
                 row = {"step": step + 1, "loss": float(loss), "lr": lr_at(step, settings),
                        "seconds": round(time.time() - began, 2), **extra}
                 history.append(row)
