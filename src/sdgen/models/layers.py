@@ -1,0 +1,259 @@
+"""Building blocks shared by the U-Net and the VAE (latent diffusion, Rombach et al. 2022).
+
+Module and attribute names follow the diffusers folder format (`norm1`, `to_q`, `to_out.0`,
+`ff.net.0.proj`...), so `state_dict()` keys match it; everything is channels-first. No module
+owns a buffer, so models build on the meta device and load with `assign=True`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
+    max_period: float = 10000.0,
+) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, DDPM (Ho et al. 2020) as diffusers.
+
+    Frequencies are exp(-ln(max_period) * i / (dim/2 - freq_shift)); the result is
+    [sin, cos] or [cos, sin] when `flip_sin_to_cos`, always float32, shape (batch, dim).
+    """
+    half = dim // 2
+    # the operation order is diffusers', so that embeddings agree to the last bit
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
+    angles = timesteps.float()[:, None] * freqs[None, :]
+    parts = (torch.cos(angles), torch.sin(angles)) if flip_sin_to_cos else (torch.sin(angles), torch.cos(angles))
+    embedding = torch.cat(parts, dim=-1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+class TimestepEmbedding(nn.Module):
+    """Two-layer SiLU MLP on an embedding vector; `cond_proj` adds a distilled guidance input (LCM)."""
+
+    def __init__(self, in_features: int, dim: int, cond_proj_dim: int | None = None):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+        self.cond_proj = nn.Linear(cond_proj_dim, in_features, bias=False) if cond_proj_dim else None
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError("this model has no time_cond_proj_dim: do not pass a timestep condition")
+            x = x + self.cond_proj(condition)
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResBlock(nn.Module):
+    """Pre-norm residual block GN-SiLU-conv (+ time embedding) GN-SiLU-conv (DDPM / LDM ResnetBlock)."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return shortcut + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv; `asymmetric` pads (0, 1, 0, 1) first, as the LDM / SD VAE encoder does."""
+
+    def __init__(self, channels: int, asymmetric: bool = False):
+        super().__init__()
+        self.asymmetric = asymmetric
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if asymmetric else 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.asymmetric:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling (2x, or to `size` when the skip has an odd size) then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+def multi_head_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False
+) -> torch.Tensor:
+    """Scaled dot-product attention over (batch, tokens, heads * head_dim) tensors.
+
+    `upcast` computes in float32 for fp16/bf16 inputs: SD 2.x's attention logits overflow fp16.
+    """
+    batch, _, inner = q.shape
+    head_dim = inner // heads
+    q, k, v = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+    dtype = q.dtype
+    if upcast and dtype in _LOW_PRECISION:
+        q, k, v = q.float(), k.float(), v.float()
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.to(dtype).transpose(1, 2).reshape(batch, -1, inner)
+
+
+class Attention(nn.Module):
+    """Multi-head (cross-)attention of the SD transformer: bias-free q/k/v, biased output projection."""
+
+    def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None,
+                 upcast: bool = False):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.upcast = upcast
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        out = multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU unit (Shazeer 2020): one projection split into value and gate, value * gelu(gate)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward with 4x expansion; `net` indices (0 GEGLU, 1 dropout slot, 2 linear) are the format's."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.ModuleList([GEGLU(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: self-attention, cross-attention on the text context, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, upcast: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, head_dim, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """LDM's SpatialTransformer: GroupNorm, project in, `depth` transformer blocks on h*w tokens, project out, residual.
+
+    Projections are 1x1 convs (SD 1.x) or linear layers on tokens (`linear_projection`, SD 2.x / XL).
+    Head size is channels // heads, as diffusers, so inner width may be below `channels`.
+    """
+
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int,
+                 linear_projection: bool = False, upcast: bool = False):
+        super().__init__()
+        head_dim = channels // heads
+        inner = heads * head_dim
+        self.linear_projection = linear_projection
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        if linear_projection:
+            self.proj_in, self.proj_out = nn.Linear(channels, inner), nn.Linear(inner, channels)
+        else:
+            self.proj_in, self.proj_out = nn.Conv2d(channels, inner, 1), nn.Conv2d(inner, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(inner, heads, head_dim, context_dim, upcast) for _ in range(depth)]
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        h = self.norm(x)
+        if not self.linear_projection:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(batch, height * width, -1)  # (b, c, h, w) -> tokens
+        if self.linear_projection:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear_projection:
+            h = self.proj_out(h)
+        h = h.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+        if not self.linear_projection:
+            h = self.proj_out(h.contiguous())
+        return x + h
+
+
+class SelfAttention2d(nn.Module):
+    """Single-head self-attention over pixels with GroupNorm and residual (the VAE mid-block attention)."""
+
+    def __init__(self, channels: int, groups: int, eps: float = 1e-6):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        h = self.group_norm(x).view(batch, channels, height * width).transpose(1, 2)
+        # upcast: softmax over (h*w)^2 logits of a large latent is fragile in half precision
+        h = multi_head_attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1, upcast=True)
+        h = self.to_out[0](h).transpose(1, 2).reshape(batch, channels, height, width)
+        return x + h
+
+
+class Stage(nn.Module):
+    """One resolution level: `resnets`, optional `attentions` after each, optional down/up sampler.
+
+    The U-Net's down, mid and up blocks and the VAE's blocks are all stages; the attribute names
+    are the format's (`down_blocks.0.resnets.1`, `...attentions.0`, `...downsamplers.0.conv`).
+    """
+
+    def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module] | None = None,
+                 downsampler: nn.Module | None = None, upsampler: nn.Module | None = None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions or [])
+        self.downsamplers = nn.ModuleList([downsampler]) if downsampler is not None else None
+        self.upsamplers = nn.ModuleList([upsampler]) if upsampler is not None else None
