@@ -124,7 +124,10 @@ def tiny_unet_config(family: str = "sd1", **overrides) -> dict:
 
 
 def tiny_vae_config(**overrides) -> dict:
-    """Constructor arguments of a tiny diffusers AutoencoderKL: SD's 4-level layout, factor 8."""
+    """Constructor arguments of a tiny diffusers AutoencoderKL: SD's 4-level layout, factor 8.
+
+    Block types follow the number of levels in `block_out_channels`, so overriding it is enough.
+    """
     config = dict(
         sample_size=64,
         in_channels=3,
@@ -138,6 +141,9 @@ def tiny_vae_config(**overrides) -> dict:
         scaling_factor=0.18215,
     )
     config.update(overrides)
+    levels = len(config["block_out_channels"])
+    config["down_block_types"] = ("DownEncoderBlock2D",) * levels
+    config["up_block_types"] = ("UpDecoderBlock2D",) * levels
     return config
 
 
