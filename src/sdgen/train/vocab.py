@@ -9,23 +9,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-
-def byte_to_unicode() -> dict[int, str]:
-    """The GPT-2 / CLIP table that maps each byte to a printable unicode character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(code) for code in codes)))
+from sdgen.models.tokenizer import byte_alphabet
 
 
 def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     """Greedy BPE (Sennrich et al. 2016) until every word is a single token; ties break by order."""
-    table = byte_to_unicode()
+    table = byte_alphabet()
     pieces: dict[str, list[str]] = {}
     for word in sorted(set(words)):
         symbols = [table[b] for b in word.encode("utf-8")]
@@ -57,7 +46,7 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
 def build_vocabulary(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocab, merges) in CLIP's layout for the given words (lower case, as the tokenizer sees them)."""
     merges = learn_merges([w.lower() for w in words])
-    byte_tokens = list(byte_to_unicode().values())
+    byte_tokens = list(byte_alphabet().values())
     tokens = byte_tokens + [t + "</w>" for t in byte_tokens]
     tokens += [a + b for a, b in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
