@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 import transformers
 
-TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77)
-TINY_VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+TINY_TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77
+)
+TINY_VISION = dict(
+    hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
 
 
 def randomize(model: torch.nn.Module, seed: int, scale: float = 0.2) -> torch.nn.Module:
@@ -50,7 +54,9 @@ def vision_model(config, projection: bool, seed: int = 0) -> torch.nn.Module:
 
 
 def clip_model(text, vision, projection_dim: int = 24, seed: int = 0) -> torch.nn.Module:
-    config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim)
+    config = transformers.CLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim
+    )
     config._attn_implementation = "eager"
     config.text_config._attn_implementation = config.vision_config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -69,3 +75,8 @@ def published_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(model, transformers.CLIPVisionModel):
         return {f"vision_model.{k}": v for k, v in state.items()}
     return dict(state)
+
+
+def config_json(model: torch.nn.Module) -> dict:
+    """The config.json save_pretrained writes for the model (architectures included)."""
+    return {**model.config.to_dict(), "architectures": [type(model).__name__]}

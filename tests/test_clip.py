@@ -74,8 +74,7 @@ TEXT_CASES = [
 def test_text_tower_matches_transformers(name, act, eos, pad, projection):
     config = ref.text_config(hidden_act=act, eos_token_id=eos)
     reference = ref.text_model(config, projection, seed=len(name))
-    ours = ours_from(reference, CLIPTextModel, CLIPTextConfig.from_transformers(
-        {**config.to_dict(), "architectures": [type(reference).__name__]}))
+    ours = ours_from(reference, CLIPTextModel, CLIPTextConfig.from_transformers(ref.config_json(reference)))
     ids = random_ids(1000, eos=999 if eos == 2 else eos, pad=pad)
     with torch.no_grad():
         expected = reference(ids, output_hidden_states=True)
@@ -125,8 +124,7 @@ def test_tolerance_catches_a_wrong_activation():
 def test_vision_tower_matches_transformers(act, projection):
     config = ref.vision_config(hidden_act=act)
     reference = ref.vision_model(config, projection)
-    ours = ours_from(reference, CLIPVisionModel, CLIPVisionConfig.from_transformers(
-        {**config.to_dict(), "architectures": [type(reference).__name__]}))
+    ours = ours_from(reference, CLIPVisionModel, CLIPVisionConfig.from_transformers(ref.config_json(reference)))
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = reference(pixels, output_hidden_states=True)
@@ -181,8 +179,8 @@ def test_config_round_trips_through_transformers():
     for config in (CLIPTextConfig.from_transformers(SD15_TEXT_ENCODER), CLIPTextConfig(num_layers=2, projection_dim=8)):
         written = config.to_transformers()
         assert CLIPTextConfig.from_transformers(written) == config
-        assert CLIPTextConfig.from_transformers(transformers.CLIPTextConfig(**written).to_dict() | {
-            "architectures": written["architectures"]}) == config
+        rewritten = transformers.CLIPTextConfig(**written).to_dict() | {"architectures": written["architectures"]}
+        assert CLIPTextConfig.from_transformers(rewritten) == config
     vision = CLIPVisionConfig(image_size=64, patch_size=16, projection_dim=32)
     assert CLIPVisionConfig.from_transformers(vision.to_transformers()) == vision
     both = CLIPConfig(CLIPTextConfig(num_layers=2), CLIPVisionConfig(num_layers=2), projection_dim=16)
@@ -192,17 +190,23 @@ def test_config_round_trips_through_transformers():
 
 def test_state_dict_keys_match_transformers_published_names():
     reference = ref.text_model(ref.text_config(), projection=True)
-    ours = CLIPTextModel(CLIPTextConfig.from_transformers({**reference.config.to_dict(),
-                                                           "architectures": ["CLIPTextModelWithProjection"]}))
+    ours = CLIPTextModel(CLIPTextConfig.from_transformers(ref.config_json(reference)))
     assert sorted(ours.state_dict()) == sorted(reference.state_dict())
     both = ref.clip_model(ref.text_config(), ref.vision_config())
-    assert sorted(CLIPModel(CLIPConfig.from_transformers(both.config.to_dict())).state_dict()) == sorted(both.state_dict())
+    ours_both = CLIPModel(CLIPConfig.from_transformers(both.config.to_dict()))
+    assert sorted(ours_both.state_dict()) == sorted(both.state_dict())
 
 
 @pytest.mark.parametrize(
     "change, field",
-    [({"hidden_act": "relu"}, "hidden_act"), ({"hidden_size": 30}, "num_heads"), ({"model_type": "bert"}, "model_type"),
-     ({"num_hidden_layers": 0}, "num_layers"), ({"vocab_size": "many"}, "vocab_size")],
+    [
+        ({"hidden_act": "relu"}, "hidden_act"),
+        ({"hidden_size": 30}, "num_heads"),
+        ({"model_type": "bert"}, "model_type"),
+        ({"num_hidden_layers": 0}, "num_layers"),
+        ({"vocab_size": "many"}, "vocab_size"),
+        ({"layer_norm_eps": -1.0}, "layer_norm_eps"),
+    ],
 )
 def test_bad_config_values_raise(change, field):
     with pytest.raises(ValueError, match=field):
@@ -238,7 +242,8 @@ def test_old_position_ids_buffers_are_ignored():
 
 
 def test_bad_inputs_raise_value_error():
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2))
+    config = CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2)
+    text = CLIPTextModel(config)
     with pytest.raises(ValueError, match="clip_skip"):
         text(torch.zeros(1, 77, dtype=torch.long), clip_skip=3)
     with pytest.raises(ValueError, match="positions"):
@@ -253,8 +258,7 @@ def test_bad_inputs_raise_value_error():
 
 def test_bfloat16_runs_close_to_float32():
     reference = ref.text_model(ref.text_config(), projection=True)
-    ours = ours_from(reference, CLIPTextModel, CLIPTextConfig.from_transformers(
-        {**reference.config.to_dict(), "architectures": ["CLIPTextModelWithProjection"]}))
+    ours = ours_from(reference, CLIPTextModel, CLIPTextConfig.from_transformers(ref.config_json(reference)))
     ids = random_ids(1000, eos=999, pad=999)
     with torch.no_grad():
         full = ours(ids).hidden_states

@@ -6,7 +6,7 @@ embeddings for text, bidirectional attention over a class token and image patche
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
 import torch
@@ -63,8 +63,8 @@ def _tower_from_transformers(cls: type, config: dict, model_type: str, nested: s
         tower, projected = config, any(a.endswith("WithProjection") for a in config.get("architectures") or [])
     else:
         raise ValueError(f"model_type {kind!r} is not a {model_type} config")
-    values = {f.name: tower[_TRANSFORMERS_NAMES.get(f.name, f.name)] for f in fields(cls)
-              if _TRANSFORMERS_NAMES.get(f.name, f.name) in tower}
+    names = {f.name: _TRANSFORMERS_NAMES.get(f.name, f.name) for f in fields(cls)}
+    values = {ours: tower[theirs] for ours, theirs in names.items() if tower.get(theirs) is not None}
     for name in ("image_size", "patch_size"):  # transformers 5 also allows [height, width]
         size = values.get(name)
         if isinstance(size, (list, tuple)):
@@ -221,6 +221,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         batch, length, width = x.shape
+        # (batch, length, width) -> (batch, heads, length, head_dim)
         q, k, v = (p(x).view(batch, length, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
@@ -352,9 +353,7 @@ class CLIPTextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> TextEncoderOutput:
         out = self.text_model(input_ids, clip_skip)
-        if self.text_projection is None:
-            return out
-        return TextEncoderOutput(out.hidden_states, out.penultimate, out.pooled, self.text_projection(out.pooled))
+        return out if self.text_projection is None else replace(out, text_embeds=self.text_projection(out.pooled))
 
 
 # Image tower -------------------------------------------------------------------------------------
@@ -422,9 +421,7 @@ class CLIPVisionModel(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> ImageEncoderOutput:
         out = self.vision_model(pixels)
-        if self.visual_projection is None:
-            return out
-        return ImageEncoderOutput(out.hidden_states, out.penultimate, out.pooled, self.visual_projection(out.pooled))
+        return out if self.visual_projection is None else replace(out, image_embeds=self.visual_projection(out.pooled))
 
 
 # Both towers -------------------------------------------------------------------------------------
@@ -445,12 +442,12 @@ class CLIPModel(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> TextEncoderOutput:
         """Text tower outputs with text_embeds in the shared space (not normalised)."""
         out = self.text_model(input_ids, clip_skip)
-        return TextEncoderOutput(out.hidden_states, out.penultimate, out.pooled, self.text_projection(out.pooled))
+        return replace(out, text_embeds=self.text_projection(out.pooled))
 
     def encode_image(self, pixels: torch.Tensor) -> ImageEncoderOutput:
         """Image tower outputs with image_embeds in the shared space (not normalised)."""
         out = self.vision_model(pixels)
-        return ImageEncoderOutput(out.hidden_states, out.penultimate, out.pooled, self.visual_projection(out.pooled))
+        return replace(out, image_embeds=self.visual_projection(out.pooled))
 
     def image_text_similarity(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """logits_per_image (images, texts): exp(logit_scale) times the cosine similarity."""

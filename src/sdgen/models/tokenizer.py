@@ -106,7 +106,9 @@ class CLIPTokenizer:
         self.start_token, self.end_token, self.pad_token = start_token, end_token, pad_token
         self.model_max_length = model_max_length
         try:
-            model = BPE(self.vocab, self.merges, continuing_subword_prefix="", end_of_word_suffix=WORD_END, fuse_unk=False)
+            model = BPE(
+                self.vocab, self.merges, continuing_subword_prefix="", end_of_word_suffix=WORD_END, fuse_unk=False
+            )
         except Exception as error:  # tokenizers raises a bare Exception for bad merges
             raise TokenizerError(f"{source}: {error}") from None
         self._bpe = Tokenizer(model)
