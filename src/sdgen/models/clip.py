@@ -222,7 +222,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         batch, length, width = x.shape
         # (batch, length, width) -> (batch, heads, length, head_dim)
-        q, k, v = (p(x).view(batch, length, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = (p(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in projections)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
 
