@@ -143,6 +143,9 @@ def test_truncation_keeps_start_and_end(ours, original):
     assert ours(text, max_length=10).shape == (1, 10)
     with pytest.raises(ValueError, match="max_length"):
         ours(text, max_length=1)
+    with pytest.raises(ValueError, match="string"):
+        ours([text, None])
+    assert ours([]).shape == (0, 77)
 
 
 # Folder forms ----------------------------------------------------------------------------------

@@ -138,6 +138,8 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of one text, without start and end tokens."""
+        if not isinstance(text, str):
+            raise ValueError(f"the prompt must be a string, got {type(text).__name__}")
         ids: list[int] = []
         words: list[str] = []
         for word in self._split.findall(clean_text(text)):
