@@ -73,6 +73,7 @@ def test_fp32_output_equals_diffusers(family: str, overrides: dict, size: int) -
     reference = make_reference_unet(family, seed=1, **overrides)
     ours = load_ours(reference)
     assert not any(p.is_meta for p in ours.parameters())
+    assert not list(ours.buffers())  # nothing left on the meta device after assign
     inputs = example_inputs(family, overrides, size=size)  # timesteps 999, 421.37 (fractional)
     expected = run_reference(reference, inputs)
     actual = ours(**inputs)
@@ -158,6 +159,13 @@ def test_sd1_preset_defaults_write_sd15_config() -> None:
     ({"addition_embed_type": "text_time"}, "addition_time_embed_dim"),
     ({"norm_num_groups": 7}, "norm_num_groups"),
     ({"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift"),
+    ({"in_channels": "4"}, "in_channels"),
+    ({"layers_per_block": 0}, "layers_per_block"),
+    ({"attention_head_dim": 0}, "num_heads"),
+    ({"attention_head_dim": 64}, "num_heads"),  # more heads than the 32 channels
+    ({"transformer_layers_per_block": (1, 0, 1, 1)}, "transformer_depth"),
+    ({"norm_num_groups": 0}, "norm_num_groups"),
+    ({"cross_attention_dim": 32.5}, "cross_attention_dim"),
 ])
 def test_unsupported_configs_are_rejected_by_name(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

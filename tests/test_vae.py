@@ -109,6 +109,11 @@ def test_config_round_trip_and_factor() -> None:
     ({"layers_per_block": [1, 2, 2, 2]}, "layers_per_block"),
     ({"norm_num_groups": 5}, "norm_num_groups"),
     ({"latents_mean": [0.0, 0.0]}, "latents_mean"),
+    ({"latent_channels": 0}, "latent_channels"),
+    ({"norm_num_groups": 0}, "norm_num_groups"),
+    ({"scaling_factor": -1.0}, "scaling_factor"),
+    ({"scaling_factor": None}, "scaling_factor"),
+    ({"in_channels": None}, "in_channels"),
 ])
 def test_unsupported_configs_are_rejected_by_name(change: dict, message: str) -> None:
     config = tiny_vae_config()

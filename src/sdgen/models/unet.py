@@ -6,7 +6,7 @@ which blocks exist is decided by the per-level fields of `UNetConfig`, not by bl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -84,6 +84,14 @@ class UNetConfig:
         levels = len(self.block_out_channels)
         if levels < 1:
             raise ValueError("block_out_channels: give at least one level")
+        for name in ("in_channels", "out_channels", "cross_attention_dim", "norm_num_groups"):
+            _check_positive_ints(name, (getattr(self, name),))
+        for name in ("block_out_channels", "layers_per_block"):
+            _check_positive_ints(name, getattr(self, name))
+        for name in ("time_embed_dim", "time_cond_proj_dim", "addition_time_embed_dim",
+                     "projection_class_embeddings_input_dim"):
+            if getattr(self, name) is not None:
+                _check_positive_ints(name, (getattr(self, name),))
         for name in ("layers_per_block", "attention", "num_heads", "transformer_depth"):
             if len(getattr(self, name)) != levels:
                 raise ValueError(f"{name}: give one entry per level ({levels}), got {getattr(self, name)}")
@@ -92,11 +100,12 @@ class UNetConfig:
                 raise ValueError(f"block_out_channels: {channels} is not divisible by norm_num_groups "
                                  f"{self.norm_num_groups}")
         for level, (channels, heads) in enumerate(zip(self.block_out_channels, self.num_heads)):
-            uses_attention = self.attention[level] or (self.mid_block and level == levels - 1)
-            if uses_attention and not 1 <= heads <= channels:
+            if not (self.attention[level] or (self.mid_block and level == levels - 1)):
+                continue  # heads and depth of a level without attention are never used
+            _check_positive_ints("num_heads", (heads,))
+            _check_positive_ints("transformer_depth", (self.transformer_depth[level],))
+            if heads > channels:
                 raise ValueError(f"num_heads: level {level} has {heads} heads for {channels} channels")
-        if min(self.layers_per_block) < 1:
-            raise ValueError(f"layers_per_block: each level needs at least one res block, got {self.layers_per_block}")
         if self.addition_embed_type not in (None, "text_time"):
             raise ValueError(f"addition_embed_type: {self.addition_embed_type!r} is not supported "
                              "(None, or 'text_time' for SDXL)")
@@ -221,6 +230,13 @@ class UNetConfig:
             "downsample_padding": 1,
             "mid_block_scale_factor": 1,
         }
+
+
+def _check_positive_ints(name: str, values: tuple) -> None:
+    """ValueError naming `name` unless every value is an int >= 1 (bools and floats are mistakes)."""
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected positive integers, got {value!r}")
 
 
 def _as_levels(value: Any, levels: int, name: str) -> tuple:

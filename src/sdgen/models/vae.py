@@ -49,12 +49,19 @@ class VAEConfig:
     def __post_init__(self) -> None:
         if not self.block_out_channels:
             raise ValueError("block_out_channels: give at least one level")
+        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups",
+                     "block_out_channels"):
+            values = getattr(self, name)
+            for value in values if isinstance(values, tuple) else (values,):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{name}: expected positive integers, got {value!r}")
+        if isinstance(self.scaling_factor, bool) or not isinstance(self.scaling_factor, (int, float)) \
+                or self.scaling_factor <= 0:
+            raise ValueError(f"scaling_factor: expected a positive number, got {self.scaling_factor!r}")
         for channels in self.block_out_channels:
             if channels % self.norm_num_groups:
                 raise ValueError(f"block_out_channels: {channels} is not divisible by norm_num_groups "
                                  f"{self.norm_num_groups}")
-        if self.layers_per_block < 1:
-            raise ValueError(f"layers_per_block: need at least 1, got {self.layers_per_block}")
         for name in ("latents_mean", "latents_std"):
             value = getattr(self, name)
             if value is not None and len(value) != self.latent_channels:
