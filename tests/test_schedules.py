@@ -141,3 +141,14 @@ def test_lcm_schedule_hand_derived():
     assert torch.equal(lcm.sigma_to_t(SD.sigmas[[150]]), torch.tensor([159]))  # nearest in log sigma
     # linspace(999, 19, 8) lands on the table indices 49, 42, ..., 0.
     assert rel_diff(lcm.uniform(8)[:-1], lcm.sigmas.flip(0)[::7]) < 1e-6
+
+
+def test_beta_schedule_matches_scipy_quantiles():
+    """A1111's beta schedule: sigma_min + Beta(0.6, 0.6).ppf(1 - linspace(0, 1, n)) * (sigma_max - sigma_min)."""
+    from scipy import stats
+
+    smin, smax = float(SD.sigma_min), float(SD.sigma_max)
+    for alpha, beta in [(0.6, 0.6), (0.3, 0.9)]:
+        ref = [smin + stats.beta.ppf(q, alpha, beta) * (smax - smin) for q in 1 - np.linspace(0, 1, 7)] + [0.0]
+        ours = sch.beta_sigmas(SD, 7, alpha=alpha, beta=beta)
+        assert torch.equal(ours, torch.tensor(ref, dtype=torch.float32)) or rel_diff(ours, torch.tensor(ref)) < 1e-6

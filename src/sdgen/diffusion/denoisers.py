@@ -84,7 +84,13 @@ class LCMDenoiser:
         return c_out * denoised + c_skip * x
 
 
-def make_denoiser(model_fn: ModelFn, schedule: DiscreteSchedule, *, lcm: bool = False, quantize: bool = False) -> Denoiser:
+def make_denoiser(
+    model_fn: ModelFn,
+    schedule: DiscreteSchedule,
+    *,
+    lcm: bool = False,
+    quantize: bool = False,
+) -> Denoiser:
     """The denoiser for the schedule's prediction type (or LCM's, which keeps its own 50-level schedule)."""
     if lcm:
         return LCMDenoiser(model_fn, schedule)
@@ -93,7 +99,12 @@ def make_denoiser(model_fn: ModelFn, schedule: DiscreteSchedule, *, lcm: bool = 
     return EpsDenoiser(model_fn, schedule, quantize)
 
 
-def cfg_denoiser(denoiser: Denoiser, cond: Mapping[str, Tensor], uncond: Mapping[str, Tensor] | None, scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+def cfg_denoiser(
+    denoiser: Denoiser,
+    cond: Mapping[str, Tensor],
+    uncond: Mapping[str, Tensor] | None,
+    scale: float,
+) -> Callable[[Tensor, Tensor], Tensor]:
     """Classifier-free guidance (Ho & Salimans 2022): uncond + (cond - uncond) * scale, one batched call."""
     if uncond is None or scale == 1.0:
         # The guided result equals the conditional one; skip the unconditional pass.
@@ -115,7 +126,11 @@ def cfg_denoiser(denoiser: Denoiser, cond: Mapping[str, Tensor], uncond: Mapping
     return guided
 
 
-def masked_denoiser(denoiser: Callable[[Tensor, Tensor], Tensor], known: Tensor, keep: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+def masked_denoiser(
+    denoiser: Callable[[Tensor, Tensor], Tensor],
+    known: Tensor,
+    keep: Tensor,
+) -> Callable[[Tensor, Tensor], Tensor]:
     """Inpainting by blending: keep the known latent where keep = 1 (AUTOMATIC1111's mask/nmask blend)."""
     inpaint = 1.0 - keep
     return lambda x, sigma: known * keep + inpaint * denoiser(x, sigma)

@@ -70,7 +70,8 @@ class ImageNoise:
                 images.append(noise)
             if self.eta_noise_seed_delta:
                 # A1111's ENSD: later draws come from generators reseeded with seed + delta.
-                self.generators = [torch.Generator("cpu").manual_seed(s + self.eta_noise_seed_delta) for s in self.seeds]
+                delta = self.eta_noise_seed_delta
+                self.generators = [torch.Generator("cpu").manual_seed(s + delta) for s in self.seeds]
             self._initial = torch.stack(images).to(self.device, self.dtype)
         return self._initial
 
@@ -92,7 +93,16 @@ class ImageNoise:
 class BrownianNoise:
     """One torchsde Brownian tree per image (k-diffusion BrownianTreeNoiseSampler with a seed list)."""
 
-    def __init__(self, seeds: Sequence[int], shape: Sequence[int], sigma_min: Tensor, sigma_max: Tensor, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        seeds: Sequence[int],
+        shape: Sequence[int],
+        sigma_min: Tensor,
+        sigma_max: Tensor,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         t0, t1 = torch.as_tensor(sigma_min).cpu(), torch.as_tensor(sigma_max).cpu()
         self.sign = 1
         if t1 < t0:

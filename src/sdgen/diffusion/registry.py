@@ -53,17 +53,38 @@ def _spec(name: str, function, aliases: tuple[str, ...], options: dict | None = 
 # A1111 1.10's order (k-diffusion samplers, then timestep samplers, then LCM).
 SAMPLERS: tuple[SamplerSpec, ...] = (
     _spec("DPM++ 2M", k.sample_dpmpp_2m, ("k_dpmpp_2m",), {"scheduler": "karras"}),
-    _spec("DPM++ SDE", k.sample_dpmpp_sde, ("k_dpmpp_sde",), {"scheduler": "karras", "second_order": True, "brownian_noise": True}, eta=1.0),
-    _spec("DPM++ 2M SDE", k.sample_dpmpp_2m_sde, ("k_dpmpp_2m_sde",), {"scheduler": "exponential", "brownian_noise": True}, eta=1.0),
-    _spec("DPM++ 2M SDE Heun", k.sample_dpmpp_2m_sde, ("k_dpmpp_2m_sde_heun",), {"scheduler": "exponential", "brownian_noise": True, "solver_type": "heun"}, eta=1.0),
-    _spec("DPM++ 2S a", k.sample_dpmpp_2s_ancestral, ("k_dpmpp_2s_a",), {"scheduler": "karras", "uses_ensd": True, "second_order": True}, eta=1.0),
-    _spec("DPM++ 3M SDE", k.sample_dpmpp_3m_sde, ("k_dpmpp_3m_sde",), {"scheduler": "exponential", "discard_next_to_last_sigma": True, "brownian_noise": True}, eta=1.0),
+    _spec(
+        "DPM++ SDE", k.sample_dpmpp_sde, ("k_dpmpp_sde",),
+        {"scheduler": "karras", "second_order": True, "brownian_noise": True}, eta=1.0,
+    ),
+    _spec(
+        "DPM++ 2M SDE", k.sample_dpmpp_2m_sde, ("k_dpmpp_2m_sde",),
+        {"scheduler": "exponential", "brownian_noise": True}, eta=1.0,
+    ),
+    _spec(
+        "DPM++ 2M SDE Heun", k.sample_dpmpp_2m_sde, ("k_dpmpp_2m_sde_heun",),
+        {"scheduler": "exponential", "brownian_noise": True, "solver_type": "heun"}, eta=1.0,
+    ),
+    _spec(
+        "DPM++ 2S a", k.sample_dpmpp_2s_ancestral, ("k_dpmpp_2s_a",),
+        {"scheduler": "karras", "uses_ensd": True, "second_order": True}, eta=1.0,
+    ),
+    _spec(
+        "DPM++ 3M SDE", k.sample_dpmpp_3m_sde, ("k_dpmpp_3m_sde",),
+        {"scheduler": "exponential", "discard_next_to_last_sigma": True, "brownian_noise": True}, eta=1.0,
+    ),
     _spec("Euler a", k.sample_euler_ancestral, ("k_euler_a", "k_euler_ancestral"), {"uses_ensd": True}, eta=1.0),
     _spec("Euler", k.sample_euler, ("k_euler",)),
     _spec("LMS", k.sample_lms, ("k_lms",)),
     _spec("Heun", k.sample_heun, ("k_heun",), {"second_order": True}),
-    _spec("DPM2", k.sample_dpm_2, ("k_dpm_2",), {"scheduler": "karras", "discard_next_to_last_sigma": True, "second_order": True}),
-    _spec("DPM2 a", k.sample_dpm_2_ancestral, ("k_dpm_2_a",), {"scheduler": "karras", "discard_next_to_last_sigma": True, "uses_ensd": True, "second_order": True}, eta=1.0),
+    _spec(
+        "DPM2", k.sample_dpm_2, ("k_dpm_2",),
+        {"scheduler": "karras", "discard_next_to_last_sigma": True, "second_order": True},
+    ),
+    _spec(
+        "DPM2 a", k.sample_dpm_2_ancestral, ("k_dpm_2_a",),
+        {"scheduler": "karras", "discard_next_to_last_sigma": True, "uses_ensd": True, "second_order": True}, eta=1.0,
+    ),
     _spec("DDIM", ts.sample_ddim, ("ddim",), automatic_schedule="ddim_timesteps", vp_space=True, eta=0.0),
     _spec("UniPC", ts.sample_unipc, ("unipc",), automatic_schedule="unipc_time_uniform", vp_space=True),
     _spec("LCM", ts.sample_lcm, ("k_lcm",), lcm=True),
@@ -94,6 +115,7 @@ SCHEDULERS: tuple[SchedulerSpec, ...] = (
     SchedulerSpec("simple", "Simple", sch.simple_sigmas, need_inner_model=True),
     SchedulerSpec("normal", "Normal", sch.normal_sigmas, need_inner_model=True),
     SchedulerSpec("ddim", "DDIM", sch.ddim_uniform_sigmas, need_inner_model=True),
+    SchedulerSpec("beta", "Beta", sch.beta_sigmas, need_inner_model=True),
 )
 
 # The grids "Automatic" gives DDIM and UniPC; internal, not offered as schedule types.
@@ -124,7 +146,8 @@ def resolve_scheduler(name: str | None) -> SchedulerSpec:
         return SCHEDULERS[0]
     spec = _lookup(name, _SCHEDULER_NAMES)
     if spec is None:
-        raise SamplerNameError(f"unknown schedule type {name!r}; choose one of: {', '.join(s.label for s in SCHEDULERS)}")
+        labels = ", ".join(s.label for s in SCHEDULERS)
+        raise SamplerNameError(f"unknown schedule type {name!r}; choose one of: {labels}")
     return spec
 
 
@@ -160,17 +183,32 @@ def list_samplers() -> list[dict]:
 def list_schedulers() -> list[dict]:
     """`/sdapi/v1/schedulers` items: {name, label, aliases, default_rho, need_inner_model}."""
     return [
-        {"name": s.name, "label": s.label, "aliases": None if s.aliases is None else list(s.aliases), "default_rho": s.default_rho, "need_inner_model": s.need_inner_model}
+        {
+            "name": s.name,
+            "label": s.label,
+            "aliases": None if s.aliases is None else list(s.aliases),
+            "default_rho": s.default_rho,
+            "need_inner_model": s.need_inner_model,
+        }
         for s in SCHEDULERS
     ]
 
 
-def sigmas_for(spec: SamplerSpec, schedule_name: str, schedule: sch.DiscreteSchedule, steps: int, *, model_family: str = "sd1", **schedule_options) -> Tensor:
+def sigmas_for(
+    spec: SamplerSpec,
+    schedule_name: str,
+    schedule: sch.DiscreteSchedule,
+    steps: int,
+    *,
+    model_family: str = "sd1",
+    **schedule_options,
+) -> Tensor:
     """The full sigma list A1111 1.10 uses for `steps` steps of this sampler (KDiffusionSampler.get_sigmas).
 
     `schedule` is the model's (LCM's 50-level view is taken for LCM). Samplers flagged
     discard_next_to_last_sigma get one extra step whose penultimate sigma is dropped.
-    `schedule_options` (rho, sigma_min, sigma_max) reach the schedules that take them.
+    `schedule_options` (rho, sigma_min, sigma_max; alpha, beta for "beta") reach the schedules
+    that take them; None values are ignored.
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= len(schedule.sigmas):
         raise ValueError(f"steps must be an integer from 1 to {len(schedule.sigmas)}, got {steps!r}")
@@ -204,7 +242,13 @@ def img2img_steps(steps: int, strength: float, fix_steps: bool = False) -> tuple
     return steps, int(min(strength, 0.999) * steps)
 
 
-def img2img_sigmas(schedule_fn: Callable[[int], Tensor], steps: int, strength: float, *, fix_steps: bool = False) -> tuple[Tensor, Tensor]:
+def img2img_sigmas(
+    schedule_fn: Callable[[int], Tensor],
+    steps: int,
+    strength: float,
+    *,
+    fix_steps: bool = False,
+) -> tuple[Tensor, Tensor]:
     """(full sigmas, tail to run) for img2img: A1111 runs `sigmas[steps - t_enc - 1:]` of the full list."""
     full_steps, t_enc = img2img_steps(steps, strength, fix_steps)
     if full_steps < 1:
@@ -216,7 +260,7 @@ def img2img_sigmas(schedule_fn: Callable[[int], Tensor], steps: int, strength: f
 
 def sample(
     spec: SamplerSpec,
-    denoiser,
+    denoiser: k.DenoiseFn,
     sigmas: Tensor,
     noise: ImageNoise,
     *,
@@ -226,6 +270,7 @@ def sample(
     eta: float | None = None,
     s_noise: float = 1.0,
     sgm_noise_multiplier: bool = False,
+    **sampler_options,
 ) -> Tensor:
     """Run a sampler from seeded noise (txt2img) or from a noised `init_latent` (img2img).
 
@@ -234,6 +279,10 @@ def sample(
     `full_sigmas` is the whole schedule when `sigmas` is its img2img tail: SDE samplers span
     their Brownian tree over it, as A1111 does. If the callback raises `Interrupted`, the
     latest denoised estimate is returned (A1111 shows the image so far).
+
+    img2img with DDIM or UniPC differs from A1111 on purpose: A1111 noises the image to one grid
+    step above the first timestep it evaluates (its own code calls this "likely off by a bit");
+    here the noise level is the first sigma, as for every other sampler.
     """
     first = noise.initial()
     sigmas = sigmas.to(first.device)
@@ -255,6 +304,7 @@ def sample(
     else:
         noise_sampler = noise.noise_sampler
 
+    kwargs.update(sampler_options)  # e.g. UniPC's order / variant, A1111's uni_pc_* settings
     latest = {"denoised": x}
 
     def report(i: int, total: int, x_i: Tensor, denoised: Tensor) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+DenoiseFn = Callable[[Tensor, Tensor], Tensor]  # D(x, sigma) -> denoised, conditioning bound
 Callback = Callable[[int, int, Tensor, Tensor], None]
 NoiseSampler = Callable[[Tensor, Tensor], Tensor]
 
@@ -47,7 +48,14 @@ def _report(callback: Callback | None, i: int, sigmas: Tensor, x: Tensor, denois
 
 
 @torch.no_grad()
-def sample_euler(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampler | None = None, callback: Callback | None = None) -> Tensor:
+def sample_euler(
+    denoiser: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """Euler steps of the probability-flow ODE, Karras et al. (2022) Algorithm 2 without churn."""
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
@@ -58,7 +66,16 @@ def sample_euler(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSam
 
 
 @torch.no_grad()
-def sample_euler_ancestral(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampler | None = None, callback: Callback | None = None, eta: float = 1.0, s_noise: float = 1.0) -> Tensor:
+def sample_euler_ancestral(
+    denoiser: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
     """Ancestral sampling with Euler steps ("Euler a"): step to sigma_down, add sigma_up of new noise."""
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
@@ -73,7 +90,14 @@ def sample_euler_ancestral(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler
 
 
 @torch.no_grad()
-def sample_heun(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampler | None = None, callback: Callback | None = None) -> Tensor:
+def sample_heun(
+    denoiser: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """Heun's second-order method, Karras et al. (2022) Algorithm 2 without churn; Euler on the last step to 0."""
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
@@ -108,7 +132,15 @@ def lms_coefficient(order: int, sigmas: list[float], i: int, j: int) -> float:
 
 
 @torch.no_grad()
-def sample_lms(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampler | None = None, callback: Callback | None = None, order: int = 4) -> Tensor:
+def sample_lms(
+    denoiser: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+    order: int = 4,
+) -> Tensor:
     """Linear multistep (Adams-Bashforth in sigma) of up to `order` past derivatives, k-diffusion sample_lms."""
     if order > 4:
         raise ValueError(f"LMS order must be at most 4, got {order}")
@@ -126,7 +158,14 @@ def sample_lms(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampl
 
 
 @torch.no_grad()
-def sample_dpm_2(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampler | None = None, callback: Callback | None = None) -> Tensor:
+def sample_dpm_2(
+    denoiser: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """DPM-Solver-2 style midpoint steps in log sigma (Lu et al. 2022, Karras et al. 2022), k-diffusion sample_dpm_2."""
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
@@ -144,7 +183,16 @@ def sample_dpm_2(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSam
 
 
 @torch.no_grad()
-def sample_dpm_2_ancestral(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampler | None = None, callback: Callback | None = None, eta: float = 1.0, s_noise: float = 1.0) -> Tensor:
+def sample_dpm_2_ancestral(
+    denoiser: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
     """Ancestral sampling with DPM-Solver-2 midpoint steps ("DPM2 a")."""
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
@@ -174,7 +222,16 @@ def _sigma(t: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sample_dpmpp_2s_ancestral(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampler | None = None, callback: Callback | None = None, eta: float = 1.0, s_noise: float = 1.0) -> Tensor:
+def sample_dpmpp_2s_ancestral(
+    denoiser: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
     """Ancestral sampling with DPM-Solver++(2S) single-step second-order steps (Lu et al. 2022)."""
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
@@ -197,7 +254,17 @@ def sample_dpmpp_2s_ancestral(denoiser, x: Tensor, sigmas: Tensor, *, noise_samp
 
 
 @torch.no_grad()
-def sample_dpmpp_sde(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampler | None = None, callback: Callback | None = None, eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5) -> Tensor:
+def sample_dpmpp_sde(
+    denoiser: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r: float = 0.5,
+) -> Tensor:
     """DPM-Solver++ stochastic second-order steps (Lu et al. 2022), k-diffusion sample_dpmpp_sde."""
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
@@ -227,7 +294,14 @@ def sample_dpmpp_sde(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: Nois
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampler | None = None, callback: Callback | None = None) -> Tensor:
+def sample_dpmpp_2m(
+    denoiser: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """DPM-Solver++(2M), Lu et al. (2022): second-order multistep in log sigma, first order at the ends."""
     s_in = x.new_ones([x.shape[0]])
     old_denoised = None
@@ -247,7 +321,17 @@ def sample_dpmpp_2m(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: Noise
 
 
 @torch.no_grad()
-def sample_dpmpp_2m_sde(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampler | None = None, callback: Callback | None = None, eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint") -> Tensor:
+def sample_dpmpp_2m_sde(
+    denoiser: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    solver_type: str = "midpoint",
+) -> Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022) with a midpoint or Heun correction, k-diffusion sample_dpmpp_2m_sde."""
     if solver_type not in ("heun", "midpoint"):
         raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
@@ -271,14 +355,24 @@ def sample_dpmpp_2m_sde(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: N
                 else:
                     x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
             if eta:
-                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+                noise = noise_sampler(sigmas[i], sigmas[i + 1])
+                x = x + noise * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
             h_last = h
         old_denoised = denoised
     return x
 
 
 @torch.no_grad()
-def sample_dpmpp_3m_sde(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampler | None = None, callback: Callback | None = None, eta: float = 1.0, s_noise: float = 1.0) -> Tensor:
+def sample_dpmpp_3m_sde(
+    denoiser: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
     """DPM-Solver++(3M) SDE (Lu et al. 2022), k-diffusion sample_dpmpp_3m_sde."""
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
@@ -306,7 +400,8 @@ def sample_dpmpp_3m_sde(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: N
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
                 x = x + phi_2 * ((denoised - denoised_1) / (h_1 / h))
             if eta:
-                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+                noise = noise_sampler(sigmas[i], sigmas[i + 1])
+                x = x + noise * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
     return x

@@ -19,7 +19,11 @@ from torch import Tensor
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def scaled_linear_alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000) -> Tensor:
+def scaled_linear_alphas_cumprod(
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    num_train_timesteps: int = 1000,
+) -> Tensor:
     """alphas_cumprod of SD's "scaled_linear" betas (sqrt-linear), as CompVis ldm computes them."""
     # ldm builds the betas in float64 and stores alphas_cumprod as float32; diffusers builds
     # them in float32, which moves alphas_cumprod by about 1e-7 relative.
@@ -52,13 +56,17 @@ class DiscreteSchedule:
         if config.get("rescale_betas_zero_snr"):
             raise ValueError("scheduler config: rescale_betas_zero_snr (zero terminal SNR) is not supported")
         kind = config.get("beta_schedule", "scaled_linear")
-        args = (float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012)), int(config.get("num_train_timesteps", 1000)))
+        args = (
+            float(config.get("beta_start", 0.00085)),
+            float(config.get("beta_end", 0.012)),
+            int(config.get("num_train_timesteps", 1000)),
+        )
         if kind == "scaled_linear":
             alphas_cumprod = scaled_linear_alphas_cumprod(*args)
         elif kind == "linear":
             alphas_cumprod = linear_alphas_cumprod(*args)
         else:
-            raise ValueError(f"scheduler config: beta_schedule {kind!r} is not supported; use 'scaled_linear' or 'linear'")
+            raise ValueError(f"scheduler config: beta_schedule {kind!r} is not supported; use scaled_linear or linear")
         return cls(alphas_cumprod, config.get("prediction_type", "epsilon"))
 
     @property
@@ -132,7 +140,13 @@ def uniform_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
     return schedule.uniform(steps)
 
 
-def karras_sigmas(schedule: DiscreteSchedule, steps: int, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None) -> Tensor:
+def karras_sigmas(
+    schedule: DiscreteSchedule,
+    steps: int,
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+) -> Tensor:
     """Karras et al. (2022) eq. 5: sigmas evenly spaced in sigma^(1/rho)."""
     sigma_min, sigma_max = _bounds(schedule, sigma_min, sigma_max)
     ramp = torch.linspace(0, 1, steps)
@@ -140,13 +154,24 @@ def karras_sigmas(schedule: DiscreteSchedule, steps: int, rho: float = 7.0, sigm
     return append_zero((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho)
 
 
-def exponential_sigmas(schedule: DiscreteSchedule, steps: int, sigma_min: float | None = None, sigma_max: float | None = None) -> Tensor:
+def exponential_sigmas(
+    schedule: DiscreteSchedule,
+    steps: int,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+) -> Tensor:
     """Sigmas evenly spaced in log sigma (k-diffusion get_sigmas_exponential)."""
     sigma_min, sigma_max = _bounds(schedule, sigma_min, sigma_max)
     return append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps).exp())
 
 
-def polyexponential_sigmas(schedule: DiscreteSchedule, steps: int, rho: float = 1.0, sigma_min: float | None = None, sigma_max: float | None = None) -> Tensor:
+def polyexponential_sigmas(
+    schedule: DiscreteSchedule,
+    steps: int,
+    rho: float = 1.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+) -> Tensor:
     """Log sigma as a polynomial of the step ramp (k-diffusion get_sigmas_polyexponential)."""
     sigma_min, sigma_max = _bounds(schedule, sigma_min, sigma_max)
     ramp = torch.linspace(1, 0, steps) ** rho
@@ -160,7 +185,12 @@ def sgm_uniform_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
     return append_zero(sigmas)
 
 
-def kl_optimal_sigmas(schedule: DiscreteSchedule, steps: int, sigma_min: float | None = None, sigma_max: float | None = None) -> Tensor:
+def kl_optimal_sigmas(
+    schedule: DiscreteSchedule,
+    steps: int,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+) -> Tensor:
     """Sigmas evenly spaced in arctan(sigma) (Sabour et al. 2024, "Align Your Steps" appendix)."""
     # As in A1111 1.10 this ends at sigma_min, not 0: the last step leaves that much noise.
     sigma_min, sigma_max = _bounds(schedule, sigma_min, sigma_max)
@@ -211,11 +241,68 @@ def ddim_uniform_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
     return torch.tensor(sigmas + [0.0], dtype=torch.float32)
 
 
+def beta_sigmas(
+    schedule: DiscreteSchedule,
+    steps: int,
+    alpha: float = 0.6,
+    beta: float = 0.6,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+) -> Tensor:
+    """Beta schedule (Lee et al. 2024, "Beta Sampling is All You Need"): sigmas at Beta(alpha, beta) quantiles."""
+    # A1111 spaces sigma itself (not timesteps) by Beta(alpha, beta) quantiles; 0.6/0.6 are its defaults.
+    sigma_min, sigma_max = _bounds(schedule, sigma_min, sigma_max)
+    quantiles = [beta_ppf(float(q), alpha, beta) for q in 1 - np.linspace(0, 1, steps)]
+    return torch.tensor([sigma_min + q * (sigma_max - sigma_min) for q in quantiles] + [0.0], dtype=torch.float32)
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """Inverse of the regularized incomplete beta function I_x(a, b), by bisection."""
+    if q <= 0.0 or q >= 1.0:
+        return 0.0 if q <= 0.0 else 1.0
+    low, high = 0.0, 1.0
+    for _ in range(60):  # 2^-60: below float64 resolution of x in [0, 1]
+        mid = (low + high) / 2
+        low, high = (mid, high) if regularized_incomplete_beta(mid, a, b) < q else (low, mid)
+    return (low + high) / 2
+
+
+def regularized_incomplete_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b) from its continued fraction (DLMF 8.17.22), evaluated by the modified Lentz method."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - regularized_incomplete_beta(1.0 - x, b, a)  # the fraction converges fast below the mean
+    log_beta_ab = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    log_front = a * math.log(x) + b * math.log1p(-x) - math.log(a) - log_beta_ab
+    tiny = 1e-300
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            coeff = 1.0
+        elif i % 2:  # d_{2m+1}
+            coeff = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        else:  # d_{2m}
+            coeff = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1.0 + coeff * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + coeff / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return math.exp(log_front) * (f - 1.0)
+
+
 def ddim_timestep_sigmas(schedule: DiscreteSchedule, steps: int) -> Tensor:
     """AUTOMATIC1111's DDIM timesteps 1, 1 + 1000//steps, ... as descending sigmas, without a final 0."""
     # A1111's DDIM evaluates the model at every timestep but the lowest one and stops there:
     # with 4 steps it calls the model at 751, 501 and 251 and returns the latent at t = 1.
-    timesteps = torch.clip(torch.arange(0, len(schedule.sigmas), len(schedule.sigmas) // steps) + 1, 0, len(schedule.sigmas) - 1)
+    total = len(schedule.sigmas)
+    if steps > total:
+        raise ValueError(f"DDIM takes at most {total} steps, got {steps}")
+    timesteps = torch.clip(torch.arange(0, total, total // steps) + 1, 0, total - 1)
     return schedule.sigmas[timesteps.flip(0)]
 
 

@@ -10,15 +10,31 @@ space at the start and end is done by `registry.sample` for samplers marked `vp_
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from sdgen.diffusion.samplers import Callback, NoiseSampler, _report, default_noise_sampler, sample_euler_ancestral
+from sdgen.diffusion.samplers import (
+    Callback,
+    DenoiseFn,
+    NoiseSampler,
+    _report,
+    default_noise_sampler,
+    sample_euler_ancestral,
+)
 
 
 @torch.no_grad()
-def sample_ddim(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampler | None = None, callback: Callback | None = None, eta: float = 0.0) -> Tensor:
+def sample_ddim(
+    denoiser: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+    eta: float = 0.0,
+) -> Tensor:
     """DDIM (Song et al. 2021) with noise scale eta, written over sigmas.
 
     With x_vp = sqrt(a) x, a DDIM step x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z
@@ -29,7 +45,14 @@ def sample_ddim(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSamp
 
 
 @torch.no_grad()
-def sample_lcm(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampler | None = None, callback: Callback | None = None) -> Tensor:
+def sample_lcm(
+    denoiser: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+) -> Tensor:
     """Latent Consistency Model multistep sampling (Luo et al. 2023): denoise, then re-noise to the next sigma."""
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     s_in = x.new_ones([x.shape[0]])
@@ -42,7 +65,16 @@ def sample_lcm(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampl
     return x
 
 
-def _unipc_update(x: Tensor, model_prev: list[Tensor], lambda_prev: list[Tensor], sigma_prev: Tensor, sigma: Tensor, order: int, variant: str, corrector_fn) -> tuple[Tensor, Tensor | None]:
+def _unipc_update(
+    x: Tensor,
+    model_prev: list[Tensor],
+    lambda_prev: list[Tensor],
+    sigma_prev: Tensor,
+    sigma: Tensor,
+    order: int,
+    variant: str,
+    corrector_fn: Callable[[Tensor], Tensor] | None,
+) -> tuple[Tensor, Tensor | None]:
     """One UniPC step (Zhao et al. 2023, data prediction, B(h) variants): predictor, then optional corrector."""
     lambda_t = -sigma.log()
     h = lambda_t - lambda_prev[-1]
@@ -85,7 +117,17 @@ def _unipc_update(x: Tensor, model_prev: list[Tensor], lambda_prev: list[Tensor]
 
 
 @torch.no_grad()
-def sample_unipc(denoiser, x: Tensor, sigmas: Tensor, *, noise_sampler: NoiseSampler | None = None, callback: Callback | None = None, order: int = 3, variant: str = "bh1", lower_order_final: bool = True) -> Tensor:
+def sample_unipc(
+    denoiser: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise_sampler: NoiseSampler | None = None,
+    callback: Callback | None = None,
+    order: int = 3,
+    variant: str = "bh1",
+    lower_order_final: bool = True,
+) -> Tensor:
     """UniPC multistep predictor-corrector (Zhao et al. 2023), as A1111's uni_pc module runs it.
 
     The model output at each new point, taken for the corrector, is reused by the next step,
