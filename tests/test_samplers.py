@@ -427,6 +427,14 @@ def test_resolve_names_aliases_and_legacy_suffixes():
     assert resolve_sampler("DPM2 a Exponential", "karras") == (resolve_sampler("DPM2 a")[0], "exponential")
 
 
+def test_infotext_schedule_labels():
+    assert registry.schedule_label(resolve_sampler("DPM++ 2M")[0], "automatic") == "Karras"
+    assert registry.schedule_label(resolve_sampler("DPM++ 2M SDE")[0], None) == "Exponential"
+    assert registry.schedule_label(resolve_sampler("Euler a")[0], "automatic") == "Automatic"
+    assert registry.schedule_label(*resolve_sampler("Euler a", "sgm_uniform")) == "SGM Uniform"
+    assert registry.schedule_label(*resolve_sampler("DPM++ 2M Karras")) == "Karras"
+
+
 def test_unknown_names_raise_with_the_choices():
     with pytest.raises(SamplerNameError, match=r"unknown sampler 'Eulr'; choose one of: DPM\+\+ 2M, .*Euler a") as info:
         resolve_sampler("Eulr")
@@ -453,3 +461,16 @@ def test_api_listings_and_defaults():
     assert torch.equal(dpm2, torch.cat([karras5[:-2], karras5[-1:]]))
     lcm = sigmas_for(resolve_sampler("LCM")[0], "karras", sched, 4)
     assert torch.isclose(lcm[0], LCMSchedule(sched).sigma_max) and torch.isclose(lcm[-2], LCMSchedule(sched).sigma_min)
+
+
+@pytest.mark.parametrize("name", [s.name for s in registry.SAMPLERS])
+def test_every_sampler_runs_with_short_and_explicit_schedules(name):
+    spec, _ = resolve_sampler(name)
+    sched = schedule()
+    denoiser = make_denoiser(AnalyticModel(), sched, lcm=spec.lcm)
+    for schedule_name, steps in [("automatic", 1), ("automatic", 3), ("karras", 3), ("exponential", 2), ("sgm_uniform", 3)]:
+        sigmas = sigmas_for(spec, schedule_name, sched, steps)
+        steps_seen = []
+        out = sample(spec, denoiser, sigmas, ImageNoise([3], SHAPE), callback=lambda i, n, x, d: steps_seen.append(i))
+        assert out.shape == (1, *SHAPE) and torch.isfinite(out).all()
+        assert steps_seen == list(range(len(sigmas) - 1))

@@ -175,6 +175,15 @@ def resolve_sampler(name: str, scheduler: str | None = None) -> tuple[SamplerSpe
     return spec, schedule.name
 
 
+def schedule_label(spec: SamplerSpec, schedule_name: str | None) -> str:
+    """The "Schedule type" A1111 1.10 writes to infotext: the sampler's default label for Automatic."""
+    scheduler = resolve_scheduler(schedule_name)
+    if scheduler.name == "automatic" and "scheduler" in spec.options:
+        # KDiffusionSampler.get_sigmas records the default it picked, e.g. Karras for DPM++ 2M.
+        scheduler = resolve_scheduler(str(spec.options["scheduler"]))
+    return scheduler.label
+
+
 def list_samplers() -> list[dict]:
     """`/sdapi/v1/samplers` items: {name, aliases, options}."""
     return [{"name": s.name, "aliases": list(s.aliases), "options": dict(s.options)} for s in SAMPLERS]

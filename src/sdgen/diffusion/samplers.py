@@ -42,7 +42,8 @@ def default_noise_sampler(x: Tensor) -> NoiseSampler:
     return lambda sigma, sigma_next: torch.randn_like(x)
 
 
-def _report(callback: Callback | None, i: int, sigmas: Tensor, x: Tensor, denoised: Tensor) -> None:
+def report_step(callback: Callback | None, i: int, sigmas: Tensor, x: Tensor, denoised: Tensor) -> None:
+    """Call the step callback as (step, total steps, x, denoised)."""
     if callback is not None:
         callback(i, len(sigmas) - 1, x, denoised)
 
@@ -60,7 +61,7 @@ def sample_euler(
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
-        _report(callback, i, sigmas, x, denoised)
+        report_step(callback, i, sigmas, x, denoised)
         x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
     return x
 
@@ -82,7 +83,7 @@ def sample_euler_ancestral(
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        _report(callback, i, sigmas, x, denoised)
+        report_step(callback, i, sigmas, x, denoised)
         x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         if sigmas[i + 1] > 0:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
@@ -103,7 +104,7 @@ def sample_heun(
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
         d = to_d(x, sigmas[i], denoised)
-        _report(callback, i, sigmas, x, denoised)
+        report_step(callback, i, sigmas, x, denoised)
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
             x = x + d * dt
@@ -150,7 +151,7 @@ def sample_lms(
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
         ds = (ds + [to_d(x, sigmas[i], denoised)])[-order:]
-        _report(callback, i, sigmas, x, denoised)
+        report_step(callback, i, sigmas, x, denoised)
         cur_order = min(i + 1, order)
         coeffs = [lms_coefficient(cur_order, sigmas_list, i, j) for j in range(cur_order)]
         x = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(ds)))
@@ -171,7 +172,7 @@ def sample_dpm_2(
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
         d = to_d(x, sigmas[i], denoised)
-        _report(callback, i, sigmas, x, denoised)
+        report_step(callback, i, sigmas, x, denoised)
         if sigmas[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigmas[i])
         else:
@@ -199,7 +200,7 @@ def sample_dpm_2_ancestral(
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        _report(callback, i, sigmas, x, denoised)
+        report_step(callback, i, sigmas, x, denoised)
         d = to_d(x, sigmas[i], denoised)
         if sigma_down == 0:
             x = x + d * (sigma_down - sigmas[i])
@@ -238,7 +239,7 @@ def sample_dpmpp_2s_ancestral(
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        _report(callback, i, sigmas, x, denoised)
+        report_step(callback, i, sigmas, x, denoised)
         if sigma_down == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
@@ -270,7 +271,7 @@ def sample_dpmpp_sde(
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
-        _report(callback, i, sigmas, x, denoised)
+        report_step(callback, i, sigmas, x, denoised)
         if sigmas[i + 1] == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
             continue
@@ -307,7 +308,7 @@ def sample_dpmpp_2m(
     old_denoised = None
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
-        _report(callback, i, sigmas, x, denoised)
+        report_step(callback, i, sigmas, x, denoised)
         t, t_next = _t(sigmas[i]), _t(sigmas[i + 1])
         h = t_next - t
         if old_denoised is None or sigmas[i + 1] == 0:
@@ -340,7 +341,7 @@ def sample_dpmpp_2m_sde(
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
-        _report(callback, i, sigmas, x, denoised)
+        report_step(callback, i, sigmas, x, denoised)
         if sigmas[i + 1] == 0:
             x = denoised
         else:
@@ -379,7 +380,7 @@ def sample_dpmpp_3m_sde(
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
-        _report(callback, i, sigmas, x, denoised)
+        report_step(callback, i, sigmas, x, denoised)
         h = None
         if sigmas[i + 1] == 0:
             x = denoised

@@ -19,7 +19,7 @@ from sdgen.diffusion.samplers import (
     Callback,
     DenoiseFn,
     NoiseSampler,
-    _report,
+    report_step,
     default_noise_sampler,
     sample_euler_ancestral,
 )
@@ -58,7 +58,7 @@ def sample_lcm(
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * s_in)
-        _report(callback, i, sigmas, x, denoised)
+        report_step(callback, i, sigmas, x, denoised)
         x = denoised
         if sigmas[i + 1] > 0:
             x = x + sigmas[i + 1] * noise_sampler(sigmas[i], sigmas[i + 1])
@@ -144,7 +144,7 @@ def sample_unipc(
     model_prev = [denoiser(x, sigmas[0] * s_in)]
     lambda_prev = [-sigmas[0].log()]
     for step in range(1, steps + 1):
-        _report(callback, step - 1, sigmas, x, model_prev[-1])
+        report_step(callback, step - 1, sigmas, x, model_prev[-1])
         sigma, sigma_prev = sigmas[step], sigmas[step - 1]
         if sigma == 0:
             x = model_prev[-1]
