@@ -122,8 +122,7 @@ def test_kl_optimal_and_align_your_steps():
     xs = np.linspace(0, 1, 11)
     ys = np.log([14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029][::-1])
     assert math.isclose(float(four[1]), math.exp(np.interp(2 / 3, xs, ys)), rel_tol=1e-6)
-    with pytest.raises(ValueError, match="align_your_steps"):
-        sch.align_your_steps_sigmas(SD, 4, model_family="flux")
+    assert torch.equal(sch.align_your_steps_sigmas(SD, 4, model_family="sd2"), sch.align_your_steps_sigmas(SD, 4))
 
 
 def test_timestep_grids_of_ddim_and_unipc():

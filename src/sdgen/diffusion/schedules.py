@@ -208,9 +208,8 @@ _AYS_SIGMAS = {
 
 def align_your_steps_sigmas(schedule: DiscreteSchedule, steps: int, model_family: str = "sd1") -> Tensor:
     """Align Your Steps (Sabour et al. 2024): the published sigmas, log-linearly resampled to `steps`."""
-    if model_family not in _AYS_SIGMAS:
-        raise ValueError(f"align_your_steps has sigmas for {', '.join(_AYS_SIGMAS)}, not {model_family!r}")
-    sigmas = _AYS_SIGMAS[model_family]
+    # As A1111: SDXL models (base, refiner) get the SDXL list, every other model the SD 1.5 one.
+    sigmas = _AYS_SIGMAS["sdxl" if model_family.lower().startswith("sdxl") else "sd1"]
     if steps == len(sigmas):
         return torch.tensor(sigmas + [0.0], dtype=torch.float32)
     # A1111 resamples the 11 values to `steps` values (so `steps` equal to 11 keeps all of them).
