@@ -105,12 +105,12 @@ def _unipc_update(
         x_t = x_base
     else:
         # Order 2 uses the fixed predictor coefficient 1/2 (UniPC paper, section 3.2).
-        rhos_p = torch.tensor([0.5], dtype=x.dtype) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+        rhos_p = torch.tensor([0.5], dtype=x.dtype, device=x.device) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
         x_t = x_base - B_h * torch.einsum("k,bk...->b...", rhos_p.to(x.dtype), d1s)
     if corrector_fn is None:
         return x_t, None
     model_t = corrector_fn(x_t)
-    rhos_c = torch.tensor([0.5], dtype=x.dtype) if order == 1 else torch.linalg.solve(R, b)
+    rhos_c = torch.tensor([0.5], dtype=x.dtype, device=x.device) if order == 1 else torch.linalg.solve(R, b)
     corr = torch.einsum("k,bk...->b...", rhos_c[:-1].to(x.dtype), d1s) if d1s is not None else 0
     x_t = x_base - B_h * (corr + rhos_c[-1] * (model_t - m0))
     return x_t, model_t
