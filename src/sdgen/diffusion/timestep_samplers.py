@@ -105,7 +105,10 @@ def _unipc_update(
         x_t = x_base
     else:
         # Order 2 uses the fixed predictor coefficient 1/2 (UniPC paper, section 3.2).
-        rhos_p = torch.tensor([0.5], dtype=x.dtype, device=x.device) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+        if order == 2:
+            rhos_p = torch.tensor([0.5], dtype=x.dtype, device=x.device)
+        else:
+            rhos_p = torch.linalg.solve(R[:-1, :-1], b[:-1])
         x_t = x_base - B_h * torch.einsum("k,bk...->b...", rhos_p.to(x.dtype), d1s)
     if corrector_fn is None:
         return x_t, None
