@@ -14,6 +14,9 @@ Families (`tiny_unet_config(family)`):
 - "sdxl_refiner": 4 levels, attention on the middle two, depth 2, 5 time ids (SDXL refiner).
 - "generic": not an SD layout: 2 levels, attention only on the second, 1 res block per level.
 Any field can be overridden, e.g. `tiny_unet_config("sd1", in_channels=9)` for inpainting.
+The SD families keep SD's invariants that single-file checkpoints do not record (32 norm groups,
+time embedding 4x the first level's channels); head counts are not SD's (heads of 64 channels
+would make the models large), so reading a tiny single file needs its diffusers config.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ _UNET_CONFIGS: dict[str, dict] = {
         up_block_types=_SD_UP,
         block_out_channels=(32, 32, 64, 64),
         layers_per_block=2,
-        norm_num_groups=8,
+        norm_num_groups=32,  # SD's value: single files do not record it
         cross_attention_dim=SD1_CONTEXT_DIM,
         attention_head_dim=8,  # number of heads, as SD 1.x's config (quirk)
     ),
@@ -54,7 +57,7 @@ _UNET_CONFIGS: dict[str, dict] = {
         up_block_types=_SD_UP,
         block_out_channels=(32, 32, 64, 64),
         layers_per_block=2,
-        norm_num_groups=8,
+        norm_num_groups=32,  # SD's value: single files do not record it
         cross_attention_dim=SD2_CONTEXT_DIM,
         attention_head_dim=(2, 4, 8, 8),  # heads per level, as SD 2.x's (5, 10, 20, 20)
         use_linear_projection=True,
@@ -68,7 +71,7 @@ _UNET_CONFIGS: dict[str, dict] = {
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(32, 64, 64),
         layers_per_block=2,
-        norm_num_groups=8,
+        norm_num_groups=32,  # SD's value: single files do not record it
         cross_attention_dim=SDXL_CONTEXT_DIM,
         attention_head_dim=(2, 4, 8),
         transformer_layers_per_block=(1, 1, 2),
@@ -83,9 +86,9 @@ _UNET_CONFIGS: dict[str, dict] = {
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(16, 32, 64, 64),
+        block_out_channels=(32, 32, 64, 64),
         layers_per_block=2,
-        norm_num_groups=8,
+        norm_num_groups=32,  # SD's value: single files do not record it
         cross_attention_dim=SDXL_REFINER_CONTEXT_DIM,
         attention_head_dim=(2, 4, 8, 8),
         transformer_layers_per_block=2,
@@ -134,10 +137,10 @@ def tiny_vae_config(**overrides) -> dict:
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
+        block_out_channels=(32, 32, 64, 64),
         layers_per_block=2,
         latent_channels=4,
-        norm_num_groups=8,
+        norm_num_groups=32,  # SD's value: single files do not record it
         scaling_factor=0.18215,
     )
     config.update(overrides)

@@ -1,8 +1,10 @@
 """Parity of sdgen's U-Net with diffusers' UNet2DConditionModel on tiny random-weight models.
 
 Tolerances: fp32 outputs must agree within 1e-5 * max|reference| (measured: bit-identical, 0.0,
-for every family here); bf16 outputs within 0.1 * max|reference| of each other, and our bf16 error
-against the fp32 reference may not exceed diffusers' own bf16 error by more than 50%.
+for every variant here). bf16 (random tiny models amplify rounding: diffusers' own bf16 output is
+5-10% off its fp32 one, relative rms): ours within 0.1 relative rms of diffusers' bf16 output, and
+our error against fp32 at most 1.5x diffusers' own plus 0.01 (measured: identical for SD1 / SDXL;
+SD2 differs by 0.025 because we compute attention in fp32 there, as upcast_attention asks).
 """
 
 from __future__ import annotations
@@ -84,23 +86,27 @@ def test_fp32_output_equals_diffusers(family: str, overrides: dict, size: int) -
     assert diff <= FP32_RTOL * scale
 
 
+def relative_rms(error: torch.Tensor, reference: torch.Tensor) -> float:
+    """Root-mean-square of `error` relative to that of `reference`."""
+    return (error.float().pow(2).mean().sqrt() / reference.float().pow(2).mean().sqrt()).item()
+
+
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 @torch.no_grad()
 def test_bf16_output_close_to_diffusers(family: str) -> None:
+    # 16x16 latents: at 8x8 the deepest levels are 1x1 / 2x2 and their norms amplify bf16 rounding
     reference = make_reference_unet(family, seed=2)
     ours = load_ours(reference)
-    inputs32 = example_inputs(family, {})
-    exact = run_reference(reference, inputs32)
-    inputs16 = example_inputs(family, {}, dtype=torch.bfloat16)
+    exact = run_reference(reference, example_inputs(family, {}, size=16))
+    inputs16 = example_inputs(family, {}, size=16, dtype=torch.bfloat16)
     ref16 = run_reference(reference.to(torch.bfloat16), inputs16).float()
     ours16 = ours.to(torch.bfloat16)(**inputs16)
     assert ours16.dtype == torch.bfloat16
-    scale = exact.abs().max().item()
-    ours_err = (ours16.float() - exact).abs().max().item()
-    ref_err = (ref16 - exact).abs().max().item()
-    print(f"{family} bf16: ours vs fp32 {ours_err:.3g}, diffusers vs fp32 {ref_err:.3g}, scale {scale:.3g}")
-    assert (ours16.float() - ref16).abs().max().item() <= 0.1 * scale
-    assert ours_err <= 1.5 * ref_err + 1e-3 * scale
+    ours_err, ref_err = relative_rms(ours16 - exact, exact), relative_rms(ref16 - exact, exact)
+    between = relative_rms(ours16 - ref16, exact)
+    print(f"{family} bf16 relative rms error: ours {ours_err:.3g}, diffusers {ref_err:.3g}, between {between:.3g}")
+    assert between <= 0.1
+    assert ours_err <= 1.5 * ref_err + 0.01
 
 
 @torch.no_grad()
