@@ -77,6 +77,24 @@ class _Image:
         return round(fraction * self.size)
 
     @cached_property
+    def luminance(self) -> np.ndarray:
+        return self.pixels.astype(np.float32).mean(-1)
+
+    @cached_property
+    def saturation(self) -> np.ndarray:
+        return self.pixels.max(-1).astype(np.float32) - self.pixels.min(-1)
+
+    @cached_property
+    def _neighbour_max(self) -> np.ndarray:
+        padded = np.pad(self.luminance, 1, mode="edge")
+        h, w = self.luminance.shape
+        return np.max([padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]], axis=0)
+
+    def peaks(self, rows: slice, contrast: float) -> np.ndarray:
+        """Pixels brighter than each of their 4 neighbours by `contrast` (stars, lit windows)."""
+        return self.luminance[rows] - self._neighbour_max[rows] >= contrast
+
+    @cached_property
     def time(self) -> str:
         """Time of day from the median colour of the top rows of the sky."""
         top = np.median(self.pixels[:max(1, self.size // 16)].reshape(-1, 3), axis=0)
@@ -177,27 +195,23 @@ def _check_landscape_claim(view: _Image, element: str) -> bool:
         wall = np.count_nonzero(view.distance(near, "wall") < 30)
         return min(roof, wall) >= max(3, 0.001 * area)
     if element == "city":
+        # lit windows: saturated pixels brighter than their neighbours, in the towers' band
         band = slice(view.row(HORIZON - 0.35), horizon)
-        # warm windows are close to a sunset sky's horizon colour: a tighter radius for them
-        lit = (view.distance(band, "window_cyan") < 40) | (view.distance(band, "window_warm") < 25)
-        windows = np.count_nonzero(lit)
-        towers = np.count_nonzero(view.distance(band, "building") < 30)
-        return windows >= 3 and towers >= 0.005 * area
+        return np.count_nonzero(view.peaks(band, 10) & (view.saturation[band] >= 60)) >= 4
     sky = slice(0, horizon)
     if element in ("sun", "moon"):
         if (view.time == "night") != (element == "moon"):  # the sun never shines at night here
             return False
         radius = 0.065 if element == "sun" else 0.06
-        found = np.count_nonzero(view.distance(sky, element) < (45 if element == "sun" else 30))
+        found = np.count_nonzero(view.distance(sky, element) < (45 if element == "sun" else 40))
         return found >= 0.4 * np.pi * (radius * size) ** 2
     if element == "stars":
-        pixels = view.pixels[sky].astype(np.float32).mean(-1)
-        padded = np.pad(pixels, 1, mode="edge")
-        neighbours = np.max([padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]], axis=0)
-        return view.time == "night" and np.count_nonzero((pixels > 180) & (neighbours < 110)) >= 4
+        # single bright, unsaturated pixels in the night sky
+        bright = view.peaks(sky, 10) & (view.luminance[sky] >= 50) & (view.saturation[sky] < 80)
+        return view.time == "night" and np.count_nonzero(bright) >= 4
     if element == "clouds":
         high = slice(0, view.row(0.24))
-        return view.time != "night" and np.count_nonzero(view.distance(high, "cloud") < 30) >= 0.003 * area
+        return view.time != "night" and np.count_nonzero(view.distance(high, "cloud") < 40) >= 0.003 * area
     raise ValueError(f"unknown landscape element {element!r}")
 
 

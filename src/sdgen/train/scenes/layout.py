@@ -7,6 +7,7 @@ at any resolution. The samplers take a numpy Generator and are deterministic giv
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -150,9 +151,14 @@ def _gradient_distance(colour: str, top: str, bottom: str) -> float:
 
 def object_colours(background: Background) -> list[str]:
     """Palette colours that stand out on `background` (OBJECT_CONTRAST, GRADIENT_CLEARANCE)."""
-    if len(background.colours) == 1:
-        return [c for c in COLOURS if _colour_distance(c, background.colours[0]) >= OBJECT_CONTRAST]
-    return [c for c in COLOURS if _gradient_distance(c, *background.colours) >= GRADIENT_CLEARANCE]
+    return list(_object_colours(background.colours))
+
+
+@lru_cache(maxsize=None)
+def _object_colours(colours: tuple[str, ...]) -> tuple[str, ...]:
+    if len(colours) == 1:
+        return tuple(c for c in COLOURS if _colour_distance(c, colours[0]) >= OBJECT_CONTRAST)
+    return tuple(c for c in COLOURS if _gradient_distance(c, *colours) >= GRADIENT_CLEARANCE)
 
 
 def _pick(rng: np.random.Generator, items):
@@ -204,30 +210,36 @@ def _relation_ok(a: ShapeObject, b: ShapeObject, relation: str) -> bool:
 
 
 def _place(rng: np.random.Generator, groups: list[ShapeGroup], relation: str | None):
+    """Rejection sampling of centres inside the image, 0.05 apart, in the named cell or relation half."""
     objects: list[ShapeObject] = []
+    boxes: list[tuple[float, float, float, float]] = []
     for gi, group in enumerate(groups):
         for _ in range(group.count):
             for _attempt in range(30):
                 extent = SIZE_EXTENT[group.size] * rng.uniform(0.92, 1.08)
+                # sample centres only where the whole box fits, 0.02 from the edges
+                half_w, half_h = (extent / 2, extent / 2 / SHAPE_ASPECT[group.shape]) \
+                    if SHAPE_ASPECT[group.shape] >= 1 else (extent / 2 * SHAPE_ASPECT[group.shape], extent / 2)
+                lo_x, hi_x, lo_y, hi_y = 0.02 + half_w, 0.98 - half_w, 0.02 + half_h, 0.98 - half_h
                 if group.position:
                     cx, cy = POSITIONS[group.position]
                     x, y = cx + rng.uniform(-0.04, 0.04), cy + rng.uniform(-0.04, 0.04)
                 elif relation:  # each group in its own half keeps the relation satisfiable
-                    x, y = rng.uniform(0.1, 0.9, size=2)
                     first_half = (gi == 0) == (relation in ("left of", "above"))
-                    main = rng.uniform(0.1, 0.45) if first_half else rng.uniform(0.55, 0.9)
-                    x, y = (main, y) if relation in ("left of", "right of") else (x, main)
+                    horizontal = relation in ("left of", "right of")
+                    lo, hi = (lo_x, hi_x) if horizontal else (lo_y, hi_y)
+                    main = rng.uniform(lo, min(hi, 0.45)) if first_half else rng.uniform(max(lo, 0.55), hi)
+                    x, y = (main, rng.uniform(lo_y, hi_y)) if horizontal else (rng.uniform(lo_x, hi_x), main)
                 else:
-                    x, y = rng.uniform(0.1, 0.9, size=2)
+                    x, y = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
                 obj = ShapeObject(group.colour, group.shape, group.size, float(x), float(y), float(extent))
-                x0, y0, x1, y1 = obj.box
-                if min(x0, y0) < 0.02 or max(x1, y1) > 0.98:
-                    continue
-                if not _separated(obj.box, [o.box for o in objects], 0.05):
+                box = obj.box
+                if min(box[0], box[1]) < 0.02 or max(box[2], box[3]) > 0.98 or not _separated(box, boxes, 0.05):
                     continue
                 if relation and gi == 1 and not all(_relation_ok(a, obj, relation) for a in objects[:groups[0].count]):
                     continue
                 objects.append(obj)
+                boxes.append(box)
                 break
             else:
                 return None
@@ -254,24 +266,29 @@ def sample_shapes(rng: np.random.Generator, heldout: bool = False) -> ShapesScen
 # Landscapes
 # --------------------------------------------------------------------------------------------
 
-def skyline_top(scene: LandscapeScene, x: float) -> float:
-    """Highest point (smallest y) of anything standing on the ground at column x."""
-    top = HORIZON
+_COLUMNS = np.linspace(0.0, 1.0, 129)
+
+
+def skyline(scene: LandscapeScene) -> np.ndarray:
+    """Highest point (smallest y) of anything standing on the ground, at x = 0, 1/128, ... 1."""
+    x = _COLUMNS
+    top = np.full_like(x, HORIZON)
     for cx, half, height in scene.mountains:
-        top = min(top, HORIZON - height * max(0.0, 1 - abs(x - cx) / half))
+        top = np.minimum(top, HORIZON - height * np.clip(1 - np.abs(x - cx) / half, 0, None))
     for x0, x1, height in scene.city:
-        if x0 <= x <= x1:
-            top = min(top, HORIZON - height)
+        top = np.where((x >= x0) & (x <= x1), np.minimum(top, HORIZON - height), top)
     for tx, base, height in scene.trees:
-        if abs(x - tx) <= 0.06:
-            top = min(top, base - height)
-    if scene.house is not None and abs(x - scene.house[0]) <= scene.house[2] / 2 + 0.02:
-        top = min(top, scene.house[1] - scene.house[2] * 1.15)
+        top = np.where(np.abs(x - tx) <= 0.06, np.minimum(top, base - height), top)
+    if scene.house is not None:
+        hx, base, width = scene.house
+        top = np.where(np.abs(x - hx) <= width / 2 + 0.02, np.minimum(top, base - width * 1.15), top)
     return top
 
 
-def _clear_sky(scene: LandscapeScene, x0: float, x1: float, bottom: float) -> bool:
-    return all(bottom + 0.04 <= skyline_top(scene, x) for x in np.linspace(x0, x1, 7))
+def _clear_sky(tops: np.ndarray, x0: float, x1: float, bottom: float) -> bool:
+    """Whether a sky object whose lowest point is `bottom` clears the skyline between x0 and x1 by 0.04."""
+    i0, i1 = max(0, int(x0 * 128)), min(128, int(np.ceil(x1 * 128)))
+    return bool(bottom + 0.04 <= tops[i0:i1 + 1].min())
 
 
 def _sample_ground(rng: np.random.Generator, majors: set[str]) -> dict:
@@ -329,14 +346,15 @@ def sample_landscape(rng: np.random.Generator, heldout: bool = False) -> Landsca
     parts = _sample_ground(rng, majors)
     if heldout and "snow" in combo:
         parts["snowy"] = True
-    scene = LandscapeScene(time, window_seed=int(rng.integers(2**31)), **parts)
+    window_seed = int(rng.integers(2**31))
+    tops = skyline(LandscapeScene(time, **parts))
     sky: dict = {}
     disc = "moon" if time == "night" else "sun"
     if rng.random() < (0.7 if time != "day" else 0.6):
         for _ in range(20):
             x = float(rng.uniform(0.12, 0.88))
             y = float(rng.uniform(0.3, 0.42) if time == "sunset" else rng.uniform(0.1, 0.3))
-            if _clear_sky(scene, x - 0.07, x + 0.07, y + 0.07):
+            if _clear_sky(tops, x - 0.07, x + 0.07, y + 0.07):
                 sky[disc] = (x, y)
                 break
     if time != "night" and rng.random() < 0.5:
@@ -345,7 +363,7 @@ def sample_landscape(rng: np.random.Generator, heldout: bool = False) -> Landsca
             x, y, w = float(rng.uniform(0.12, 0.88)), float(rng.uniform(0.07, 0.16)), float(rng.uniform(0.16, 0.26))
             near_disc = disc in sky and abs(x - sky[disc][0]) < w / 2 + 0.1 and abs(y - sky[disc][1]) < 0.15
             apart = all(abs(x - c[0]) > (w + c[2]) / 2 + 0.03 for c in clouds)
-            if not near_disc and apart and _clear_sky(scene, x - w / 2, x + w / 2, y + 0.05):
+            if not near_disc and apart and _clear_sky(tops, x - w / 2, x + w / 2, y + 0.05):
                 clouds.append((x, y, w))
         sky["clouds"] = tuple(clouds)
     if time == "night":
@@ -356,7 +374,7 @@ def sample_landscape(rng: np.random.Generator, heldout: bool = False) -> Landsca
             x, y = float(rng.uniform(0.03, 0.97)), float(rng.uniform(0.03, HORIZON - 0.15))
             near_moon = "moon" in sky and np.hypot(x - sky["moon"][0], y - sky["moon"][1]) < 0.12
             apart = all(abs(x - sx) + abs(y - sy) > 0.06 for sx, sy in stars)  # single pixels stay apart
-            if not near_moon and apart and _clear_sky(scene, x, x, y + 0.03):
+            if not near_moon and apart and _clear_sky(tops, x, x, y + 0.03):
                 stars.append((x, y))
         sky["stars"] = tuple(stars)
-    return LandscapeScene(time, window_seed=scene.window_seed, **parts, **sky)
+    return LandscapeScene(time, window_seed=window_seed, **parts, **sky)

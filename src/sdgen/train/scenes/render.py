@@ -75,10 +75,16 @@ def _gradient(top: tuple[int, ...], bottom: tuple[int, ...], height: int, width:
     return np.ascontiguousarray(np.broadcast_to(np.rint(rows), (height, width, 3)).astype(np.uint8))
 
 
-def render(scene: Scene, size: int = 64, supersample: int = 4) -> np.ndarray:
-    """RGB image (size, size, 3) uint8 of a scene record."""
+@lru_cache(maxsize=64)
+def _gradient_image(top: tuple[int, ...], bottom: tuple[int, ...], side: int) -> Image.Image:
+    return Image.fromarray(_gradient(top, bottom, side, side))
+
+
+def render(scene: Scene, size: int = 64, supersample: int | None = None) -> np.ndarray:
+    """RGB image (size, size, 3) uint8 of a scene record; supersampling 4x up to 64 pixels, then 2x."""
     if size < 16 or size > 1024:
         raise ValueError(f"size {size} is outside 16..1024 pixels")
+    supersample = supersample or (4 if size <= 64 else 2)
     if isinstance(scene, ShapesScene):
         return _render_shapes(scene, size, supersample)
     return _render_landscape(scene, size, supersample)
@@ -90,14 +96,15 @@ def _render_shapes(scene: ShapesScene, size: int, supersample: int) -> np.ndarra
     if len(colours) == 1:
         canvas = Image.new("RGB", (side, side), colours[0])
     else:
-        canvas = Image.fromarray(_gradient(colours[0], colours[1], side, side))
+        canvas = _gradient_image(colours[0], colours[1], side).copy()
     draw = ImageDraw.Draw(canvas)
     for obj in scene.objects:
         draw_shape(draw, obj.shape, tuple(v * side for v in obj.box), PALETTE[obj.colour])
     return np.asarray(canvas.reduce(supersample))
 
 
-def _canvas(time: str, side: int) -> Image.Image:
+@lru_cache(maxsize=16)
+def _empty_landscape(time: str, side: int) -> Image.Image:
     """Sky gradient above the horizon, grass below."""
     horizon = round(HORIZON * side)
     sky = _gradient(*SKY[time], horizon, side)
@@ -107,7 +114,7 @@ def _canvas(time: str, side: int) -> Image.Image:
 
 def _render_landscape(scene: LandscapeScene, size: int, supersample: int) -> np.ndarray:
     side, f = size * supersample, supersample
-    canvas = _canvas(scene.time, side)
+    canvas = _empty_landscape(scene.time, side).copy()
     draw = ImageDraw.Draw(canvas)
     colour = LANDSCAPE_COLOURS
     horizon = HORIZON * side
