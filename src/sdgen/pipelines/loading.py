@@ -1,0 +1,93 @@
+"""Building a pipeline from a checkpoint: modules made on the meta device, weights assigned from the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sdgen.checkpoints.errors import CheckpointError
+from sdgen.checkpoints.parts import CheckpointParts
+from sdgen.checkpoints.reader import read_checkpoint, read_vae
+from sdgen.diffusion.schedules import DiscreteSchedule
+from sdgen.errors import UserError
+from sdgen.models.clip import CLIPTextConfig, CLIPTextModel
+from sdgen.models.tokenizer import CLIPTokenizer
+from sdgen.models.unet import UNet, UNetConfig
+from sdgen.models.vae import AutoencoderKL, VAEConfig
+from sdgen.runtime.device import pick_device, pick_dtype
+
+SD2_PAD_TOKEN = "!"  # SD 2.x (OpenCLIP) pads with "!" (id 0), SD 1.x with the end token
+
+
+def embedded_model_path() -> Path:
+    """The model trained by this project and shipped inside the package."""
+    return Path(__file__).resolve().parent.parent / "data" / "embedded"
+
+
+def build_module(source: Path, what: str, factory: Callable[[], torch.nn.Module],
+                 state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Make the module without allocating weights, then take the file's tensors as its parameters."""
+    with torch.device("meta"):
+        module = factory()
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        missing = [k for k in module.state_dict() if k not in state]
+        unexpected = [k for k in state if k not in module.state_dict()]
+        detail = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "")
+        if not detail:
+            detail = str(error).splitlines()[-1].strip()
+        raise CheckpointError(source, f"the {what} weights do not fit its architecture ({detail.strip()})",
+                              "check that the file is a complete Stable Diffusion checkpoint") from None
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_tokenizer(folder: Path | None, family: str) -> CLIPTokenizer:
+    if folder is not None:
+        return CLIPTokenizer.from_folder(folder)
+    return CLIPTokenizer.default(pad_token=SD2_PAD_TOKEN) if family == "sd2" else CLIPTokenizer.default()
+
+
+def load_pipeline(path: str | Path | None = None, *, vae: str | Path | None = None, config: str | Path | None = None,
+                  prediction: str | None = None, device: str = "auto", dtype: str = "fp32"):
+    """Read a checkpoint (or the embedded model) and return a ready `StableDiffusion` pipeline."""
+    from sdgen.pipelines.stable_diffusion import StableDiffusion
+
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    if path is None:
+        path = embedded_model_path()
+        if not (path / "model_index.json").exists():
+            raise UserError(f"the embedded model is missing from {path}; reinstall sdgen or pass --model PATH")
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder; pass a diffusers folder, .safetensors or .ckpt")
+    try:
+        parts = read_checkpoint(path, prediction=prediction, config_dir=config)
+    except ValueError as error:
+        raise CheckpointError(path, str(error), "check the options given with the model") from None
+    if parts.family not in ("sd1", "sd2"):
+        raise CheckpointError(path, f"{parts.family} models are not supported yet", "use an SD 1.x or 2.x checkpoint")
+    if vae is not None:
+        parts.vae_config, parts.vae_state = read_vae(vae)
+    if not parts.vae_state:
+        raise CheckpointError(path, "the checkpoint has no VAE weights", "pass --vae PATH")
+    return StableDiffusion.from_parts(parts, device=torch_device, dtype=torch_dtype, vae_source=vae)
+
+
+def build_components(parts: CheckpointParts, device: torch.device, dtype: torch.dtype):
+    """(unet, vae, text_encoder, tokenizer, schedule) for an SD 1.x / 2.x checkpoint."""
+    unet_cfg = UNetConfig.from_diffusers(parts.unet_config)
+    vae_cfg = VAEConfig.from_diffusers(parts.vae_config)
+    text_config, text_state = parts.text_encoders[0]
+    text_cfg = CLIPTextConfig.from_transformers(text_config)
+    unet = build_module(parts.source, "U-Net", lambda: UNet(unet_cfg), parts.unet_state, device, dtype)
+    # The VAE decodes in float32 when the model says so (SD's VAE overflows in fp16).
+    vae_dtype = torch.float32 if vae_cfg.force_upcast and dtype == torch.float16 else dtype
+    vae = build_module(parts.source, "VAE", lambda: AutoencoderKL(vae_cfg), parts.vae_state, device, vae_dtype)
+    text_encoder = build_module(parts.source, "text encoder", lambda: CLIPTextModel(text_cfg), text_state, device, dtype)
+    tokenizer = load_tokenizer(parts.tokenizer_dirs[0], parts.family)
+    schedule = DiscreteSchedule.from_diffusers_scheduler_config(parts.scheduler_config)
+    return unet, vae, text_encoder, tokenizer, schedule

@@ -1,0 +1,251 @@
+"""The embedded model's recipe: autoencoder, then a small CLIP, then the U-Net, then export.
+
+Each stage trains with `train_stage` (resumable) and leaves its result in the run folder;
+`export` writes the diffusers-layout folder that sdgen ships and loads by default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdgen.errors import UserError
+from sdgen.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from sdgen.models.tokenizer import CLIPTokenizer
+from sdgen.models.unet import UNet, UNetConfig
+from sdgen.models.vae import AutoencoderKL, VAEConfig
+from sdgen.train.checkpoint import load_checkpoint, save_checkpoint
+from sdgen.train.data import SceneStream
+from sdgen.train.diffusion_loss import NoiseObjective
+from sdgen.train.loop import StageSettings, train_stage
+from sdgen.train.vocab import build_vocabulary
+
+STAGES = ("autoencoder", "clip", "unet", "export")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The parsed `configs/embedded.toml`."""
+
+    data: dict
+    autoencoder: dict
+    clip: dict
+    unet: dict
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such training config; see configs/embedded.toml")
+        with path.open("rb") as handle:
+            raw = tomllib.load(handle)
+        missing = [name for name in ("data", "autoencoder", "clip", "unet") if name not in raw]
+        if missing:
+            raise UserError(f"{path}: missing section(s) {', '.join(missing)}")
+        return cls(raw["data"], raw["autoencoder"], raw["clip"], raw["unet"])
+
+
+def make_tokenizer(stream: SceneStream) -> CLIPTokenizer:
+    vocab, merges = build_vocabulary(stream.vocabulary_words())
+    return CLIPTokenizer(vocab, merges)
+
+
+def vae_config(recipe: Recipe) -> VAEConfig:
+    section = recipe.autoencoder
+    return VAEConfig(
+        latent_channels=section["latent_channels"], block_out_channels=tuple(section["block_out_channels"]),
+        layers_per_block=section["layers_per_block"], norm_num_groups=section["norm_num_groups"],
+        sample_size=recipe.data["size"], scaling_factor=1.0, force_upcast=False,
+    )
+
+
+def clip_config(recipe: Recipe, tokenizer: CLIPTokenizer) -> CLIPConfig:
+    section = recipe.clip
+    text = CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=section["hidden_size"],
+        intermediate_size=section["intermediate_size"], num_layers=section["num_layers"],
+        num_heads=section["num_heads"], max_positions=tokenizer.model_max_length, hidden_act="gelu",
+        bos_token_id=tokenizer.start_id, eos_token_id=tokenizer.end_id, pad_token_id=tokenizer.pad_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=section["vision_hidden_size"], intermediate_size=4 * section["vision_hidden_size"],
+        num_layers=section["vision_layers"], num_heads=section["num_heads"], image_size=recipe.data["size"],
+        patch_size=section["patch_size"], hidden_act="gelu",
+    )
+    return CLIPConfig(text, vision, projection_dim=section["projection_dim"])
+
+
+def unet_config(recipe: Recipe, text: CLIPTextConfig, vae: VAEConfig) -> UNetConfig:
+    section = recipe.unet
+    channels = tuple(section["block_out_channels"])
+    attention = tuple(section.get("attention", [True] * len(channels)))
+    return UNetConfig(
+        in_channels=vae.latent_channels, out_channels=vae.latent_channels, block_out_channels=channels,
+        layers_per_block=(section["layers_per_block"],) * len(channels), attention=attention,
+        num_heads=tuple(max(1, c // section["head_dim"]) for c in channels),
+        transformer_depth=(1,) * len(channels), cross_attention_dim=text.hidden_size,
+        sample_size=recipe.data["size"] // vae.downsample_factor,
+    )
+
+
+def _settings(name: str, section: dict, steps: int | None, **extra) -> StageSettings:
+    return StageSettings(name=name, steps=steps or section["steps"], lr=section["lr"],
+                         warmup=min(200, (steps or section["steps"]) // 10 + 1), **extra)
+
+
+def _trained(run_dir: Path, stage: str, model: torch.nn.Module) -> torch.nn.Module:
+    """The result of an earlier stage, read back from its checkpoint."""
+    state = load_checkpoint(run_dir / stage / "checkpoint.pt")
+    if state is None:
+        raise UserError(f"{run_dir / stage}: stage '{stage}' has not been trained yet; run `sdgen train {stage}` first")
+    model.load_state_dict(state.get("ema", state["model"]))
+    return model.eval().requires_grad_(False)
+
+
+def train_autoencoder(recipe: Recipe, run_dir: Path, stream: SceneStream, steps: int | None) -> AutoencoderKL:
+    """KL autoencoder: L1 + MSE reconstruction plus a tiny KL term (Rombach et al. 2022, no GAN)."""
+    section = recipe.autoencoder
+    model = AutoencoderKL(vae_config(recipe))
+    crop = section.get("crop", recipe.data["size"])
+
+    def loss_fn(images: torch.Tensor, step: int):
+        posterior = model.encode(images)
+        generator = torch.Generator().manual_seed(step)
+        reconstruction = model.decode(posterior.sample(generator)).float()
+        error = reconstruction - images
+        kl = 0.5 * (posterior.mean.float() ** 2 + posterior.logvar.float().exp() - 1 - posterior.logvar.float())
+        loss = error.abs().mean() + error.pow(2).mean() + section["kl_weight"] * kl.sum() / images.shape[0]
+        psnr = 10 * torch.log10(4.0 / error.detach().pow(2).mean().clamp_min(1e-10))
+        return loss, {"psnr": round(float(psnr), 2)}
+
+    def batch_at(step: int) -> torch.Tensor:
+        return stream.images(step, section["batch_size"], crop=crop)
+
+    return train_stage(_settings("autoencoder", section, steps, bf16=False), run_dir, model, loss_fn, batch_at)
+
+
+def train_clip(recipe: Recipe, run_dir: Path, stream: SceneStream, tokenizer: CLIPTokenizer,
+               steps: int | None) -> CLIPModel:
+    """Contrastive image-text pre-training (Radford et al. 2021) on the scenes."""
+    section = recipe.clip
+    model = CLIPModel(clip_config(recipe, tokenizer))
+
+    def loss_fn(batch, step: int):
+        images, captions = batch
+        logits = model.image_text_similarity(images, tokenizer(captions)).float()
+        labels = torch.arange(len(captions))
+        loss = 0.5 * (torch.nn.functional.cross_entropy(logits, labels)
+                      + torch.nn.functional.cross_entropy(logits.t(), labels))
+        accuracy = (logits.argmax(1) == labels).float().mean()
+        return loss, {"accuracy": round(float(accuracy), 3)}
+
+    def batch_at(step: int):
+        return stream.captioned(step, section["batch_size"], unique_captions=True)
+
+    return train_stage(_settings("clip", section, steps, bf16=True), run_dir, model, loss_fn, batch_at)
+
+
+def train_unet(recipe: Recipe, run_dir: Path, stream: SceneStream, tokenizer: CLIPTokenizer,
+               steps: int | None) -> tuple[UNet, float]:
+    """Noise-prediction training on cached latents, captions dropped now and then for guidance."""
+    section = recipe.unet
+    vae = _trained(run_dir, "autoencoder", AutoencoderKL(vae_config(recipe)))
+    clip = _trained(run_dir, "clip", CLIPModel(clip_config(recipe, tokenizer)))
+    cache = LatentCache.build(run_dir / "latents", vae, stream, section.get("cached_scenes", 65536))
+    model = UNet(unet_config(recipe, clip.config.text, vae.cfg))
+    objective = NoiseObjective()
+    dropout = section["caption_dropout"]
+
+    def batch_at(step: int):
+        return cache.batch(step, section["batch_size"])
+
+    def loss_fn(batch, step: int):
+        latents, captions = batch
+        generator = torch.Generator().manual_seed(10_000_019 * step + 7)
+        keep = torch.rand(len(captions), generator=generator) >= dropout
+        captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
+        with torch.no_grad():
+            context = clip.encode_text(tokenizer(captions)).hidden_states
+        loss = objective(model, latents * cache.scaling_factor, context, generator)
+        return loss, {}
+
+    settings = _settings("unet", section, steps, bf16=True, ema_decay=section.get("ema_decay"),
+                         checkpoint_every=200)
+    return train_stage(settings, run_dir, model, loss_fn, batch_at), cache.scaling_factor
+
+
+class LatentCache:
+    """Scenes encoded once by the trained autoencoder (posterior means), kept in chunk files so
+    the U-Net stage skips the encoder and a rebuild resumes where it stopped."""
+
+    CHUNK = 4096
+
+    def __init__(self, latents: torch.Tensor, captions: list[str]) -> None:
+        self.latents = latents
+        self.captions = captions
+        # As SD's 0.18215: scale latents to unit variance for the diffusion schedule.
+        self.scaling_factor = float(1.0 / latents.float().std())
+
+    @classmethod
+    def build(cls, folder: Path, vae: AutoencoderKL, stream: SceneStream, count: int) -> "LatentCache":
+        folder.mkdir(parents=True, exist_ok=True)
+        latents, captions = [], []
+        for chunk in range((count + cls.CHUNK - 1) // cls.CHUNK):
+            path = folder / f"chunk-{chunk:04d}.pt"
+            state = load_checkpoint(path)
+            if state is None:
+                chunk_latents, chunk_captions = [], []
+                for part in range(cls.CHUNK // 256):
+                    images, part_captions = stream.captioned(1_000_000 + chunk * 64 + part, 256)
+                    with torch.no_grad():
+                        chunk_latents.append(vae.encode(images).mean.to(torch.float16))
+                    chunk_captions += part_captions
+                state = {"latents": torch.cat(chunk_latents), "captions": chunk_captions}
+                save_checkpoint(path, state)
+            latents.append(state["latents"])
+            captions += state["captions"]
+        return cls(torch.cat(latents)[:count], captions[:count])
+
+    def batch(self, step: int, size: int) -> tuple[torch.Tensor, list[str]]:
+        generator = torch.Generator().manual_seed(step)
+        index = torch.randint(0, len(self.captions), (size,), generator=generator)
+        return self.latents[index].float(), [self.captions[i] for i in index.tolist()]
+
+
+def export(recipe: Recipe, run_dir: Path, out: Path) -> Path:
+    """Write the trained model as a diffusers-layout folder (fp16 safetensors, configs, tokenizer)."""
+    from sdgen.train.export import write_diffusers_folder
+
+    stream = SceneStream(recipe.data)
+    tokenizer = make_tokenizer(stream)
+    vae = _trained(run_dir, "autoencoder", AutoencoderKL(vae_config(recipe)))
+    clip = _trained(run_dir, "clip", CLIPModel(clip_config(recipe, tokenizer)))
+    cache = LatentCache.build(run_dir / "latents", vae, stream, recipe.unet.get("cached_scenes", 65536))
+    unet = _trained(run_dir, "unet", UNet(unet_config(recipe, clip.config.text, vae.cfg)))
+    return write_diffusers_folder(out, unet=unet, vae=vae, clip=clip, tokenizer=tokenizer,
+                                  scaling_factor=cache.scaling_factor)
+
+
+def run_training(stage: str, *, config_path: str, run_dir: str, threads: int | None = None,
+                 steps: int | None = None, out: str | None = None) -> None:
+    """`sdgen train STAGE`: one stage, or `all` of them in order (each resumes where it stopped)."""
+    from sdgen.train.export import default_model_folder
+
+    if threads:
+        torch.set_num_threads(threads)
+    recipe = Recipe.load(config_path)
+    run = Path(run_dir)
+    stream = SceneStream(recipe.data)
+    tokenizer = make_tokenizer(stream)
+    for name in (STAGES if stage == "all" else (stage,)):
+        if name == "autoencoder":
+            train_autoencoder(recipe, run, stream, steps)
+        elif name == "clip":
+            train_clip(recipe, run, stream, tokenizer, steps)
+        elif name == "unet":
+            train_unet(recipe, run, stream, tokenizer, steps)
+        elif name == "export":
+            print(export(recipe, run, Path(out) if out else default_model_folder()))
