@@ -190,6 +190,8 @@ def test_bad_inputs_raise_actionable_errors() -> None:
         sdxl(inputs["x"][:, :3], inputs["timesteps"], inputs["context"], inputs["added_cond"])
     with pytest.raises(ValueError, match="timesteps"):
         sdxl(inputs["x"], torch.tensor([1.0, 2.0, 3.0]), inputs["context"], inputs["added_cond"])
+    with pytest.raises(ValueError, match="timesteps"):
+        sdxl(inputs["x"], torch.zeros(2, 1), inputs["context"], inputs["added_cond"])
     with pytest.raises(ValueError, match="time_cond_proj_dim"):
         sdxl(inputs["x"], inputs["timesteps"], inputs["context"],
              {**inputs["added_cond"], "timestep_cond": torch.zeros(2, 16)})

@@ -322,7 +322,7 @@ class UNet(nn.Module):
         timesteps = torch.as_tensor(timesteps, device=self.conv_in.weight.device)
         if timesteps.ndim == 0:
             timesteps = timesteps[None]
-        if timesteps.shape[0] not in (1, batch):
+        if timesteps.ndim != 1 or timesteps.shape[0] not in (1, batch):
             raise ValueError(f"timesteps: expected shape ({batch},), got {tuple(timesteps.shape)}")
         timesteps = timesteps.expand(batch)
         added_cond = added_cond or {}
