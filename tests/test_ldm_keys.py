@@ -61,8 +61,11 @@ class TinyModel:
         openclip = family in ("sd2", "sdxl_refiner")
         act = "gelu" if openclip else "quick_gelu"
         if family == "sdxl":
-            self.texts = [text_model(text_config(hidden_act="quick_gelu"), projection=False, seed=seed + 2),
-                          text_model(text_config(hidden_act="gelu", projection_dim=32), projection=True, seed=seed + 3)]
+            # Widths differ (24 + 40 = the U-Net's 64) as CLIP-L's 768 and bigG's 1280 do: diffusers tells
+            # the two encoders of a single file apart by width.
+            self.texts = [text_model(text_config(hidden_act="quick_gelu", hidden_size=24), projection=False, seed=seed + 2),
+                          text_model(text_config(hidden_act="gelu", hidden_size=40, projection_dim=32), projection=True,
+                                     seed=seed + 3)]
         elif family == "sdxl_refiner":
             self.texts = [text_model(text_config(hidden_act="gelu", projection_dim=32), projection=True, seed=seed + 3)]
         else:
