@@ -339,10 +339,11 @@ def sample_landscape(rng: np.random.Generator, heldout: bool = False) -> Landsca
     time = _pick(rng, TIMES)
     count = int(rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25]))
     majors = {MAJOR_ELEMENTS[int(i)] for i in rng.permutation(len(MAJOR_ELEMENTS))[:count]}
-    if heldout:
+    if heldout:  # the combination itself, and at most one more major element
         combo = _pick(rng, HELDOUT_LANDSCAPES)
         time = next(iter(combo & set(TIMES)))
-        majors |= (combo - {"snow"} - set(TIMES)) | ({"mountains"} if "snow" in combo else set())
+        extra = set(list(majors)[:1]) if rng.random() < 0.4 else set()
+        majors = (combo - {"snow"} - set(TIMES)) | ({"mountains"} if "snow" in combo else set()) | extra
     parts = _sample_ground(rng, majors)
     if heldout and "snow" in combo:
         parts["snowy"] = True

@@ -214,7 +214,7 @@ TIME_WORDINGS: dict[str, tuple[str, ...]] = {
 LANDSCAPE_CONNECTORS: tuple[str, ...] = ("with", "and", "by", "near", "beside", "in front of")
 # Words that carry no claim in a landscape caption; any other unknown word is an error.
 LANDSCAPE_FILLERS: frozenset[str] = frozenset(
-    "a an the with and by near beside in front of some few many under at on during "
+    "a an the with and by near beside in front of some few many under above over behind at on during "
     "sky range tranquil calm still peaceful quiet beautiful small little bright full shining "
     "twinkling fluffy white blue orange dark clear futuristic pine capped".split()
 )
