@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sdgen.errors import UserError
 from sdgen.train.scenes.vocabulary import (
     COLOUR_WORDS, COUNT_WORDS, HELDOUT_COLOUR_SHAPES, HELDOUT_LANDSCAPES, HELDOUT_RELATIONS,
     LANDSCAPE_FILLERS, LANDSCAPE_PHRASES, POSITION_SYNONYMS, PREFIXES, RELATION_WORDINGS,
-    SHAPE_WORDS, SIZE_WORDS, TIMES, words_of,
+    SHAPE_PLURALS, SHAPE_WORDS, SIZE_WORDS, TIMES, words_of,
 )
 
 CATEGORIES = ("colour", "shape", "count", "size", "position", "relation", "background", "landscape")
@@ -47,7 +48,7 @@ class Claim:
         return f"{self.category}: {value}{about}"
 
 
-class CaptionError(ValueError):
+class CaptionError(UserError, ValueError):
     """A caption outside the grammar; the message names the part that could not be parsed."""
 
 
@@ -178,7 +179,8 @@ class _ShapesParser:
             count = None if plural else 1
         elif plural != (count > 1):
             self.i -= 1
-            raise self.fail(f"{'one' if count == 1 else 'several'} {shape}: the count and the noun disagree")
+            plural_noun = SHAPE_PLURALS[shape]
+            raise self.fail(f"'{shape}' after one or '{plural_noun}' after more: the count and the noun disagree")
         target = Target(colour, shape, count)
         claims = [Claim("colour", colour, target), Claim("shape", shape, target)]
         if count is not None:
