@@ -42,6 +42,8 @@ def sniff_format(path: str | Path) -> str:
         return "zip"
     if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
         return "pickle"
+    if head[:1] in (b"(", b"c", b"}", b"]", b")"):
+        return "pickle"  # protocol 0/1 pickles have no header: MARK, GLOBAL or an empty container first
     for magic, what in _UNSUPPORTED.items():
         if head.startswith(magic):
             raise CheckpointError(path, f"this is {what}, not a model checkpoint", "pass a .safetensors, .ckpt or .pt model file")

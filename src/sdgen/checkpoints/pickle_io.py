@@ -11,6 +11,7 @@ info, the object pickle, storage keys, then raw storage bytes).
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import os
@@ -145,7 +146,6 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
 
 
 _ALLOWED = _allowed_globals()
-_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -157,7 +157,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.storage_for = storage_for
 
     def find_class(self, module: str, name: str) -> Any:
-        module = _PY2_MODULES.get(module, module)
+        # Python 2 names (protocol < 3 pickles) as pickle's own find_class translates them, e.g.
+        # `__builtin__.set` -> `builtins.set`, `commands.Popen` -> `subprocess.Popen`.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         raise CheckpointError(self.path, f"refused to load: the pickle asks for the global '{module}.{name}'", _REFUSED_FIX)
