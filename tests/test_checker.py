@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from PIL import Image, ImageFilter
 
 from sdgen.train.scenes import (
@@ -47,6 +48,17 @@ def test_ground_truth_at_128_pixels_and_heldout_split():
             results += check(image, parse_caption(caption), size=size)
     rates = _rates(results)
     assert rates["all"] >= 0.98 and all(rate >= 0.95 for rate in rates.values()), rates
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1), index=st.integers(0, 10**6), split=st.sampled_from(["train", "heldout"]))
+def test_round_trip_record_caption_claims_checks(seed, index, split):
+    """record -> caption -> claims -> checks on the record's own render: every claim holds."""
+    rng = np.random.default_rng([seed, index])
+    scene = sample_scene(rng, split)
+    caption = write_caption(scene, rng)
+    failed = [str(r.claim) for r in check(render(scene), parse_caption(caption)) if not r.holds]
+    assert not failed, (caption, failed)
 
 
 def test_claims_of_another_caption_mostly_fail(rendered):
