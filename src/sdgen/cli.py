@@ -77,15 +77,15 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_samplers(_: argparse.Namespace) -> int:
-    from sdgen.diffusion.registry import list_samplers, list_schedulers
+    from sdgen.diffusion.registry import SAMPLERS, list_schedulers
 
-    print("Samplers:")
-    for item in list_samplers():
-        aliases = ", ".join(item["aliases"])
-        print(f"  {item['name']:<14} default schedule: {item['options'].get('scheduler', 'uniform'):<12} aliases: {aliases}")
+    print("Samplers (--sampler):")
+    for spec in SAMPLERS:
+        aliases = ", ".join(spec.aliases)
+        print(f"  {spec.name:<18} automatic schedule: {spec.default_schedule:<18} aliases: {aliases}")
     print("Schedule types (--scheduler):")
     for item in list_schedulers():
-        print(f"  {item['name']:<14} {item['label']}")
+        print(f"  {item['name']:<18} {item['label']}")
     return 0
 
 
