@@ -1,4 +1,4 @@
-"""diffusers pipeline folders (`model_index.json` + one folder per component), read without importing anything they name.
+"""diffusers pipeline folders (`model_index.json`, one folder per component), read without importing what they name.
 
 Class names in `model_index.json` are checked against the set of components a Stable Diffusion
 pipeline has; an unknown name is refused rather than looked up. Weights come from
@@ -41,6 +41,8 @@ COMPONENT_CLASSES = {
 } | {("diffusers", name) for name in SCHEDULERS}
 _WEIGHT_BASE = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
 _BIN_BASE = {"diffusers": "diffusion_pytorch_model", "transformers": "pytorch_model"}
+_AGAIN = "download the folder again"
+_COMPLETE = "use a complete diffusers folder"
 _DEPRECATED_VAE = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _DEPRECATED_VAE_KEY = re.compile(r"(.*\.mid_block\.attentions\.0)\.(query|key|value|proj_attn)\.(weight|bias)")
 
@@ -67,7 +69,8 @@ def read_model_index(folder: Path) -> dict[str, str]:
     pipeline = index.get("_class_name")
     if pipeline not in PIPELINES:
         raise CheckpointError(
-            index_path, f"unsupported pipeline class {str(pipeline)[:80]!r}", f"supported: {', '.join(sorted(PIPELINES))}"
+            index_path, f"unsupported pipeline class {str(pipeline)[:80]!r}",
+            f"supported: {', '.join(sorted(PIPELINES))}",
         )
     components = {}
     for name, value in index.items():
@@ -98,7 +101,9 @@ def allowed_roots(folder: Path) -> list[Path]:
 def _checked(file: Path, roots: list[Path]) -> Path:
     real = file.resolve()
     if not any(real.is_relative_to(root) for root in roots):
-        raise CheckpointError(file, f"symlink points outside the model folder (to {real})", "copy the real file into the folder")
+        raise CheckpointError(
+            file, f"symlink points outside the model folder (to {real})", "copy the real file into the folder"
+        )
     return file
 
 
@@ -113,7 +118,9 @@ def _candidates(folder: Path, library: str, variant: str | None) -> list[Path]:
     return [folder / name for name in names]
 
 
-def load_component_weights(folder: Path, library: str, roots: list[Path], variant: str | None = None) -> tuple[dict[str, torch.Tensor], list[Path]]:
+def load_component_weights(
+    folder: Path, library: str, roots: list[Path], variant: str | None = None
+) -> tuple[dict[str, torch.Tensor], list[Path]]:
     """The state dict of one component folder, and the weight files it came from."""
     for candidate in _candidates(folder, library, variant):
         if not candidate.exists() and not candidate.is_symlink():
@@ -128,13 +135,14 @@ def load_component_weights(folder: Path, library: str, roots: list[Path], varian
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
             if not isinstance(shard, str) or not re.fullmatch(r"[\w.\-]+", shard) or shard.startswith(".."):
-                raise CheckpointError(candidate, f"shard name {str(shard)[:80]!r} is not a plain file name", "download the folder again")
+                raise CheckpointError(candidate, f"shard name {str(shard)[:80]!r} is not a plain file name", _AGAIN)
             state.update(load_state_dict(_checked(folder / shard, roots))[0])
         missing = [name for name in weight_map if name not in state]
         if missing:
-            raise CheckpointError(candidate, f"{len(missing)} tensors of the index are in no shard (e.g. {missing[0]!r})", "download the folder again")
+            problem = f"{len(missing)} tensors of the index are in no shard (e.g. {missing[0]!r})"
+            raise CheckpointError(candidate, problem, _AGAIN)
         return state, [folder / shard for shard in shards]
-    raise CheckpointError(folder, "no weights file (diffusion_pytorch_model / model .safetensors or .bin)", "download the component again")
+    raise CheckpointError(folder, "no weights file (diffusion_pytorch_model / model .safetensors or .bin)", _AGAIN)
 
 
 def normalize_vae_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -167,14 +175,14 @@ def read_folder_configs(folder: str | Path) -> dict:
     components = read_model_index(folder)
     for needed in ("unet", "vae", "scheduler"):
         if needed not in components:
-            raise CheckpointError(folder / "model_index.json", f"component {needed!r} is missing", "use a complete diffusers folder")
+            raise CheckpointError(folder / "model_index.json", f"component {needed!r} is missing", _COMPLETE)
     first_text = folder / "text_encoder" / "config.json"
     family = folder_family(components, read_json(first_text) if "text_encoder" in components else None)
     encoders = _encoder_names(family)
     for encoder, tokenizer in encoders:
         for needed in (encoder, tokenizer):
             if needed not in components:
-                raise CheckpointError(folder / "model_index.json", f"component {needed!r} is missing", "use a complete diffusers folder")
+                raise CheckpointError(folder / "model_index.json", f"component {needed!r} is missing", _COMPLETE)
     return {
         "family": family,
         "components": components,
@@ -187,7 +195,9 @@ def read_folder_configs(folder: str | Path) -> dict:
     }
 
 
-def read_diffusers_folder(folder: str | Path, *, prediction: str | None = None, variant: str | None = None) -> CheckpointParts:
+def read_diffusers_folder(
+    folder: str | Path, *, prediction: str | None = None, variant: str | None = None
+) -> CheckpointParts:
     """A diffusers pipeline folder -> CheckpointParts (weights mmapped where they are safetensors)."""
     folder = Path(folder)
     prediction = check_prediction(prediction)

@@ -46,7 +46,8 @@ def sniff_format(path: str | Path) -> str:
         return "pickle"  # protocol 0/1 pickles have no header: MARK, GLOBAL or an empty container first
     for magic, what in _UNSUPPORTED.items():
         if head.startswith(magic):
-            raise CheckpointError(path, f"this is {what}, not a model checkpoint", "pass a .safetensors, .ckpt or .pt model file")
+            fix = "pass a .safetensors, .ckpt or .pt model file"
+            raise CheckpointError(path, f"this is {what}, not a model checkpoint", fix)
     raise CheckpointError(
         path,
         f"unrecognised file format (starts with {head[:8].hex()})",
@@ -59,7 +60,8 @@ def _unwrap(path: Path, obj: Any) -> dict[str, torch.Tensor]:
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise CheckpointError(path, f"the pickle holds a {type(obj).__name__}, not a dict of weights", "pass a model checkpoint")
+        problem = f"the pickle holds a {type(obj).__name__}, not a dict of weights"
+        raise CheckpointError(path, problem, "pass a model checkpoint")
     # detach(): a fresh tensor object, whatever attributes the pickle's BUILD opcodes set on the original.
     tensors = {k: v.detach() for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:

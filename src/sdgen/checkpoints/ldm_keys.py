@@ -40,7 +40,9 @@ _UNET_RESNET = (
     ("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
     ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"),
 )
-_VAE_RESNET = (("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"), ("conv_shortcut", "nin_shortcut"))
+_VAE_RESNET = (
+    ("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"), ("conv_shortcut", "nin_shortcut"),
+)
 _VAE_ATTENTION = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
 _VAE_LINEAR = re.compile(r".*mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight")
 _OPENCLIP_LAYER = (
@@ -122,15 +124,17 @@ def unet_key_map(config: dict) -> KeyMap:
                 pairs.append((f"up_blocks.{level}.attentions.{j}", f"output_blocks.{block}.1"))
         if level < levels - 1:
             slot = 2 if up_attention[level] else 1
-            pairs.append((f"up_blocks.{level}.upsamplers.0.conv", f"output_blocks.{level * (per + 1) + per}.{slot}.conv"))
+            block = level * (per + 1) + per
+            pairs.append((f"up_blocks.{level}.upsamplers.0.conv", f"output_blocks.{block}.{slot}.conv"))
     return KeyMap(pairs)
 
 
 def vae_key_map(config: dict) -> KeyMap:
     """LDM `encoder.down.i.block.j` / `decoder.up.i` (numbered from the bottom) <-> diffusers names."""
     levels, per = len(config["block_out_channels"]), _layers_per_block(config)
-    same = ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out", "quant_conv", "post_quant_conv")
-    pairs = [(name, name) for name in same]
+    same = ("conv_in", "conv_out")
+    pairs = [(f"{part}.{name}", f"{part}.{name}") for part in ("encoder", "decoder") for name in same]
+    pairs += [("quant_conv", "quant_conv"), ("post_quant_conv", "post_quant_conv")]
     for part in ("encoder", "decoder"):
         pairs.append((f"{part}.conv_norm_out", f"{part}.norm_out"))
         pairs += _leaves(f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", _VAE_RESNET)

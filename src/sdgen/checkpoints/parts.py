@@ -36,7 +36,8 @@ class CheckpointParts:
         """A single file's sha256 (AUTOMATIC1111's); for a folder, sha256 of its weight files' `path:sha256` lines."""
         if self.source.is_file():
             return file_sha256(self.source)
-        lines = "".join(f"{p.relative_to(self.source).as_posix()}:{file_sha256(p)}\n" for p in sorted(self.weight_files))
+        files = sorted(self.weight_files)
+        lines = "".join(f"{file.relative_to(self.source).as_posix()}:{file_sha256(file)}\n" for file in files)
         return hashlib.sha256(lines.encode()).hexdigest()
 
     @property

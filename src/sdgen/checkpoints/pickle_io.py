@@ -164,7 +164,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
-        raise CheckpointError(self.path, f"refused to load: the pickle asks for the global '{module}.{name}'", _REFUSED_FIX)
+        problem = f"refused to load: the pickle asks for the global '{module}.{name}'"
+        raise CheckpointError(self.path, problem, _REFUSED_FIX)
 
     def persistent_load(self, pid: Any) -> Any:
         if self.storage_for is None or not isinstance(pid, tuple) or not pid or pid[0] not in ("storage", b"storage"):
@@ -220,7 +221,8 @@ def _stored_member_offset(path: Path, raw: BinaryIO, info: zipfile.ZipInfo, file
     name_len, extra_len = struct.unpack("<HH", local[26:30])
     start = info.header_offset + 30 + name_len + extra_len
     if start + info.file_size > file_size:
-        raise CheckpointError(path, f"zip member {info.filename!r} runs past the end of the file (truncated?)", _DAMAGED_FIX)
+        problem = f"zip member {info.filename!r} runs past the end of the file (truncated?)"
+        raise CheckpointError(path, problem, _DAMAGED_FIX)
     return start
 
 
@@ -235,7 +237,8 @@ def _load_zip(path: Path) -> Any:
             _check_zip_sizes(path, archive, file_size)
             pickles = [n for n in archive.namelist() if re.fullmatch(r"[^/]+/data\.pkl", n)]
             if len(pickles) != 1:
-                raise CheckpointError(path, "zip archive without exactly one <name>/data.pkl: not a PyTorch checkpoint", _DAMAGED_FIX)
+                problem = "zip archive without exactly one <name>/data.pkl: not a PyTorch checkpoint"
+                raise CheckpointError(path, problem, _DAMAGED_FIX)
             prefix = pickles[0][: -len("data.pkl")]
             byteorder = prefix + "byteorder"
             if byteorder in archive.namelist() and archive.read(byteorder).strip() not in (b"little",):
@@ -258,7 +261,8 @@ def _load_zip(path: Path) -> Any:
                     raise pickle.UnpicklingError(f"missing storage member data/{key}") from None
                 nbytes = numel * dtype.itemsize
                 if member.file_size != nbytes:
-                    raise pickle.UnpicklingError(f"storage data/{key} holds {member.file_size} bytes, expected {nbytes}")
+                    problem = f"storage data/{key} holds {member.file_size} bytes, expected {nbytes}"
+                    raise pickle.UnpicklingError(problem)
                 if member.compress_type == zipfile.ZIP_STORED:
                     start = _stored_member_offset(path, raw, member, file_size)
                     if not file_bytes:
@@ -302,7 +306,8 @@ def _load_legacy(path: Path) -> Any:
 
     with open(path, "rb") as f:
         if _unpickle(f, path) != LEGACY_MAGIC:
-            raise CheckpointError(path, "a pickle that is not a PyTorch checkpoint (no torch magic number)", _DAMAGED_FIX)
+            problem = "a pickle that is not a PyTorch checkpoint (no torch magic number)"
+            raise CheckpointError(path, problem, _DAMAGED_FIX)
         if _unpickle(f, path) != LEGACY_PROTOCOL:
             raise CheckpointError(path, "unsupported legacy PyTorch protocol version", _DAMAGED_FIX)
         sys_info = _unpickle(f, path)
@@ -339,4 +344,5 @@ def load_pickle(path: str | Path) -> Any:
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
             AttributeError, RuntimeError, struct.error, zipfile.BadZipFile, OSError, MemoryError,
             OverflowError, RecursionError) as exc:
-        raise CheckpointError(path, f"unreadable pickle ({type(exc).__name__}: {str(exc)[:120]})", _DAMAGED_FIX) from None
+        problem = f"unreadable pickle ({type(exc).__name__}: {str(exc)[:120]})"
+        raise CheckpointError(path, problem, _DAMAGED_FIX) from None

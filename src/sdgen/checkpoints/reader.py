@@ -89,7 +89,8 @@ def read_checkpoint(
     prediction = check_prediction(prediction)
     if path.is_dir():
         if config_dir is not None:
-            raise CheckpointError(path, "config_dir applies to single-file checkpoints only", "drop config_dir for a diffusers folder")
+            problem = "config_dir applies to single-file checkpoints only"
+            raise CheckpointError(path, problem, "drop config_dir for a diffusers folder")
         return read_diffusers_folder(path, prediction=prediction, variant=weights_variant)
     state, metadata = load_state_dict(path)
     fix = "pass config_dir=<a diffusers folder of the same architecture> if the file is a supported model"
@@ -155,7 +156,8 @@ def read_vae(path: str | Path, *, scaling_factor: float | None = None) -> tuple[
             folder = path / "vae"
         config = read_json(folder / "config.json")
         if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise CheckpointError(folder / "config.json", f"not an AutoencoderKL config ({str(config['_class_name'])[:60]})", "pass a VAE folder")
+            problem = f"not an AutoencoderKL config ({str(config['_class_name'])[:60]})"
+            raise CheckpointError(folder / "config.json", problem, "pass a VAE folder")
         state = normalize_vae_names(load_component_weights(folder, "diffusers", allowed_roots(folder))[0])
     else:
         weights, _ = load_state_dict(path)
@@ -173,7 +175,8 @@ def read_vae(path: str | Path, *, scaling_factor: float | None = None) -> tuple[
                 raise ValueError("no VAE weights found (encoder.down.* or encoder.down_blocks.*)")
         except (ValueError, KeyError, IndexError) as exc:
             message = str(exc) if isinstance(exc, ValueError) else f"missing tensor {exc}"
-            raise CheckpointError(path, message, "pass a VAE file (.safetensors, .pt, .ckpt) or a diffusers vae folder") from None
+            fix = "pass a VAE file (.safetensors, .pt, .ckpt) or a diffusers vae folder"
+            raise CheckpointError(path, message, fix) from None
     if scaling_factor is not None:
         config = {**config, "scaling_factor": scaling_factor}
     return config, state

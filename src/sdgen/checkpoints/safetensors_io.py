@@ -104,7 +104,8 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise CheckpointError(path, f"truncated safetensors file: {file_size} bytes, shorter than the header length", _FIX)
+            problem = f"truncated safetensors file: {file_size} bytes, shorter than the header length"
+            raise CheckpointError(path, problem, _FIX)
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len == 0:
             raise CheckpointError(path, "safetensors header length is zero", _FIX)
