@@ -55,7 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     train.add_argument("--steps", type=int, default=None, help="override the stage's step count (smoke tests)")
     train.add_argument("--out", default=None, help="export folder (default: the packaged embedded model)")
+    evaluate = commands.add_parser("eval", help="score a model on scene prompts (held-out set by default)")
+    evaluate.add_argument("--model", default=None, help="model folder or file (default: the embedded model)")
+    evaluate.add_argument("--prompts", default=None, help="file of captions, one per line (default: the held-out set)")
+    evaluate.add_argument("--count", type=int, default=150, help="number of held-out prompts")
+    evaluate.add_argument("--steps", type=int, default=20)
+    evaluate.add_argument("--cfg", type=float, default=7.5)
+    evaluate.add_argument("--sampler", default="Euler a")
+    evaluate.add_argument("--seed", type=int, default=1000)
+    evaluate.add_argument("--out", default="outputs/eval", help="folder for the contact sheet and report.json")
     return parser
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from sdgen.train.evaluate import evaluate
+
+    report = evaluate(args.model, args.prompts, count=args.count, steps=args.steps, cfg_scale=args.cfg,
+                      sampler=args.sampler, seed=args.seed, out=args.out)
+    print("\n".join(report.lines()))
+    print(f"contact sheet: {Path(args.out) / 'contact-sheet.png'}")
+    return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -105,7 +124,8 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": run_generate, "samplers": run_samplers, "info": run_info, "train": run_train}
+COMMANDS = {"generate": run_generate, "samplers": run_samplers, "info": run_info, "train": run_train,
+            "eval": run_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

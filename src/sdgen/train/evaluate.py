@@ -1,0 +1,130 @@
+"""`sdgen eval`: generate for a prompt set, check each image's claims, report accuracy and PSNR."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from sdgen.errors import UserError
+from sdgen.train.scenes.checker import accuracy_by_category, check_caption
+from sdgen.train.scenes.dataset import SceneDataset, heldout_prompts
+from sdgen.train.scenes.parse import CaptionError, parse_caption
+
+
+@dataclass
+class EvalReport:
+    """Claim accuracy per category over the prompts, autoencoder PSNR and timing."""
+
+    accuracy: dict[str, tuple[int, int]]
+    prompt_accuracy: float  # fraction of prompts whose claims all hold
+    psnr_db: float
+    seconds_per_image: float
+    skipped: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        rows = [f"{'category':<12} {'accuracy':>8}  claims"]
+        for category, (passed, total) in self.accuracy.items():
+            rows.append(f"{category:<12} {passed / total:>8.3f}  {passed}/{total}")
+        rows.append(f"{'prompts':<12} {self.prompt_accuracy:>8.3f}  (all claims of a prompt hold)")
+        rows.append(f"autoencoder PSNR {self.psnr_db:.2f} dB; {self.seconds_per_image:.2f} s per image")
+        if self.skipped:
+            rows.append(f"skipped {len(self.skipped)} prompt(s) outside the scene grammar, e.g. {self.skipped[0]!r}")
+        return rows
+
+
+def read_prompts(path: str | Path | None, count: int) -> list[str]:
+    """One caption per line from `path`, or the documented held-out set."""
+    if path is None:
+        return heldout_prompts(count)
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such prompt file (one caption per line)")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"{path}: no prompts in the file")
+    return prompts
+
+
+def autoencoder_psnr(pipe, scenes: int = 128, seed: int = 7) -> float:
+    """Mean PSNR of VAE reconstructions (posterior mean, decoded) on rendered held-out scenes."""
+    size = pipe.native_size
+    dataset = SceneDataset(seed=seed, size=size, split="heldout", batch_size=32)
+    values = []
+    vae_dtype = next(pipe.vae.parameters()).dtype
+    for index in range(math.ceil(scenes / 32)):
+        images = dataset.batch(index).images
+        with torch.inference_mode():
+            latents = pipe.vae.encode(images.to(pipe.device, vae_dtype)).mean
+            decoded = pipe.vae.decode(latents).float().clamp(-1, 1).cpu()
+        mse = ((decoded - images) / 2).pow(2).mean(dim=(1, 2, 3))
+        values += (10 * torch.log10(1.0 / mse.clamp_min(1e-12))).tolist()
+    return float(np.mean(values[:scenes]))
+
+
+def contact_sheet(images: list[Image.Image], captions: list[str], columns: int = 8, cell: int = 128) -> Image.Image:
+    """Images with their captions underneath, in a grid."""
+    rows = math.ceil(len(images) / columns)
+    text_height = 40
+    sheet = Image.new("RGB", (columns * cell, rows * (cell + text_height)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (i % columns) * cell, (i // columns) * (cell + text_height)
+        sheet.paste(image.resize((cell, cell), Image.Resampling.NEAREST), (x, y))
+        words, line, lines = caption.split(), "", []
+        for word in words:
+            if len(line) + len(word) + 1 > 22:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        lines.append(line)
+        draw.multiline_text((x + 2, y + cell + 1), "\n".join(lines[:3]), fill="black", spacing=1)
+    return sheet
+
+
+def evaluate(model: str | None = None, prompts_file: str | None = None, *, count: int = 150, steps: int = 20,
+             cfg_scale: float = 7.5, sampler: str = "Euler a", seed: int = 1000, out: str | Path = "outputs/eval",
+             progress: bool = True) -> EvalReport:
+    import sdgen
+
+    pipe = sdgen.load(model)
+    prompts = read_prompts(prompts_file, count)
+    results, images, captions, skipped, complete = [], [], [], [], []
+    started = time.time()
+    for index, prompt in enumerate(prompts):
+        try:
+            parse_caption(prompt)
+        except CaptionError:
+            skipped.append(prompt)
+            continue
+        image = pipe.generate(prompt=prompt, seed=seed + index, steps=steps, cfg_scale=cfg_scale,
+                              sampler=sampler).images[0]
+        checked = check_caption(image, prompt)
+        results += checked
+        complete.append(all(r.holds for r in checked))
+        images.append(image)
+        captions.append(prompt)
+        if progress:
+            print(f"[{index + 1}/{len(prompts)}] {'ok ' if complete[-1] else 'BAD'} {prompt}", flush=True)
+    if not results:
+        raise UserError("no prompt could be evaluated: none is in the scene grammar (see docs/SCENES.md)")
+    elapsed = (time.time() - started) / len(images)
+    report = EvalReport(accuracy_by_category(results), float(np.mean(complete)), autoencoder_psnr(pipe),
+                        elapsed, skipped)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    contact_sheet(images[:64], captions[:64]).save(out / "contact-sheet.png")
+    (out / "report.json").write_text(json.dumps({
+        "accuracy": {k: v[0] / v[1] for k, v in report.accuracy.items()},
+        "claims": report.accuracy, "prompt_accuracy": report.prompt_accuracy, "psnr_db": report.psnr_db,
+        "seconds_per_image": report.seconds_per_image, "prompts": len(images), "skipped": skipped,
+        "settings": {"steps": steps, "cfg_scale": cfg_scale, "sampler": sampler, "seed": seed},
+    }, indent=2))
+    return report
