@@ -151,3 +151,15 @@ def test_hugging_face_cache_symlinks_are_followed(models, tmp_path):
             shutil.copy(file, blob)
             os.symlink(os.path.relpath(blob, target.parent), target)
     assert_parts_match(read_checkpoint(snapshot), models["sd1"])
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_folder_converts_to_an_original_single_file(models, tmp_path, family):
+    from safetensors.torch import save_file
+
+    from sdgen.checkpoints.ldm_keys import parts_to_original
+
+    model = models[family]
+    path = tmp_path / "converted.safetensors"
+    save_file({k: v.contiguous() for k, v in parts_to_original(read_checkpoint(model.folder)).items()}, path)
+    assert_parts_match(read_checkpoint(path, config_dir=model.config_dir), model)

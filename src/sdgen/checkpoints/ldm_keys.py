@@ -23,8 +23,12 @@ ViT-bigG and its projection (the pooled embedding feeds the U-Net).
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from sdgen.checkpoints.parts import CheckpointParts
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -283,3 +287,13 @@ def to_original_checkpoint(
         converted = clip_to_original(state) if kind == "clip" else openclip_to_original(state)
         flat.update({prefix + k: v for k, v in converted.items()})
     return flat
+
+
+def parts_to_original(parts: "CheckpointParts") -> dict[str, torch.Tensor]:
+    """A loaded model back in the original single-file names (save it with `safetensors.torch.save_file`)."""
+    if parts.vae_config is None:
+        raise ValueError("the model has no VAE to write")
+    return to_original_checkpoint(
+        parts.family, (parts.unet_config, parts.unet_state), (parts.vae_config, parts.vae_state),
+        [state for _, state in parts.text_encoders],
+    )

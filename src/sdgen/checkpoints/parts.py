@@ -23,7 +23,7 @@ class CheckpointParts:
     prediction: str  # "eps" | "v"
     unet_config: dict
     unet_state: dict[str, torch.Tensor]
-    vae_config: dict
+    vae_config: dict | None  # None: the file has no VAE weights, the loader needs one given (--vae)
     vae_state: dict[str, torch.Tensor]
     text_encoders: list[tuple[dict, dict[str, torch.Tensor]]]  # (transformers config, state) per encoder
     tokenizer_dirs: list[Path | None]  # None: the packaged CLIP vocabulary
