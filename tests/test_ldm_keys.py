@@ -14,6 +14,7 @@ import gzip
 import importlib.util
 import json
 import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -299,8 +300,10 @@ def test_full_size_maps_agree_with_diffusers_converter(family):
         if kind == "clip":
             theirs = reference.convert_ldm_clip_checkpoint(flat)
         else:
-            holder = type("Holder", (), {"config": type("C", (), {"hidden_size": state["text_model.final_layer_norm.weight"].shape[0]})})
-            theirs = reference.convert_open_clip_checkpoint(holder, flat, prefix=prefix)
+            # diffusers reads only `config.hidden_size` of the model it is given (when no projection is stored)
+            width = state["text_model.final_layer_norm.weight"].shape[0]
+            model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=width))
+            theirs = reference.convert_open_clip_checkpoint(model, flat, prefix=prefix)
         theirs = normalize_clip_names(theirs)
         assert {k: v.shape for k, v in theirs.items()} == {k: v.shape for k, v in state.items()}
 
