@@ -192,14 +192,17 @@ class LatentCache:
     @classmethod
     def build(cls, folder: Path, vae: AutoencoderKL, stream: SceneStream, count: int) -> "LatentCache":
         folder.mkdir(parents=True, exist_ok=True)
+        chunk_size = min(cls.CHUNK, count)
+        part = min(256, chunk_size)
         latents, captions = [], []
-        for chunk in range((count + cls.CHUNK - 1) // cls.CHUNK):
-            path = folder / f"chunk-{chunk:04d}.pt"
+        for chunk in range((count + chunk_size - 1) // chunk_size):
+            path = folder / f"chunk-{chunk:04d}-{chunk_size}.pt"
             state = load_checkpoint(path)
             if state is None:
                 chunk_latents, chunk_captions = [], []
-                for part in range(cls.CHUNK // 256):
-                    images, part_captions = stream.captioned(1_000_000 + chunk * 64 + part, 256)
+                for offset in range(0, chunk_size, part):
+                    # Steps from 10**6 on are never used by the other stages' data.
+                    images, part_captions = stream.captioned(10**6 + (chunk * chunk_size + offset) // part, part)
                     with torch.no_grad():
                         chunk_latents.append(vae.encode(images).mean.to(torch.float16))
                     chunk_captions += part_captions
