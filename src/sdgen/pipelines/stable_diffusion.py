@@ -1,4 +1,12 @@
-"""Text to image with a Stable Diffusion 1.x / 2.x model: the one generation path every front end calls."""
+"""Stable Diffusion 1.x / 2.x: txt2img, img2img, inpainting and hires fix over one sampling core.
+
+`StableDiffusion.sample_latents` is the only sampling loop: txt2img starts it from noise,
+img2img from a noised encoded image (the tail of the schedule that the strength selects),
+inpainting adds a mask that keeps the known latents at every step (and, for models with a
+9-channel U-Net, the mask and masked-image latents as extra input channels), and the hires fix
+runs it twice. The image preparation for img2img lives in `img2img.py`, the second hires pass
+in `hires.py`.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +21,21 @@ from tqdm import tqdm
 
 import sdgen
 from sdgen.checkpoints.parts import CheckpointParts
-from sdgen.diffusion.denoisers import cfg_denoiser, make_denoiser
-from sdgen.diffusion.noise import ImageNoise
 from sdgen.diffusion import registry
-from sdgen.diffusion.registry import resolve_sampler, sample, sigmas_for
+from sdgen.diffusion.denoisers import cfg_denoiser, make_denoiser, masked_denoiser
+from sdgen.diffusion.noise import ImageNoise
+from sdgen.diffusion.registry import img2img_sigmas, resolve_sampler, sample, sigmas_for
 from sdgen.pipelines.images import to_pil
 from sdgen.pipelines.infotext import format_infotext
-from sdgen.pipelines.output import next_free_index, save_png_atomic
-from sdgen.pipelines.request import GenerationRequest
+from sdgen.pipelines.request import GenerationRequest, Img2ImgRequest, RequestError
+from sdgen.pipelines.tiling import tiled_apply
 
 # callback(image_index, step, total_steps, denoised_latents); raise Interrupted to stop.
 StepCallback = Callable[[int, int, int, torch.Tensor], None]
+
+# Above these sizes the VAE works on overlapping tiles (see tiling.py): a 2048x2048 decode then fits in 8 GiB.
+DECODE_TILE, DECODE_OVERLAP, DECODE_ABOVE = 96, 24, 128 * 128  # in latents
+ENCODE_TILE, ENCODE_OVERLAP, ENCODE_ABOVE = 768, 192, 1024 * 1024  # in pixels
 
 
 @dataclass
@@ -36,16 +48,42 @@ class GenerationResult:
     request: GenerationRequest
     latents: torch.Tensor | None = None
     paths: list[Path] = field(default_factory=list)
+    subseeds: list[int] = field(default_factory=list)
 
-    def save(self, folder: Path) -> list[Path]:
-        """Write `NNNNN-SEED.png` files (AUTOMATIC1111's naming) atomically, each with its infotext."""
-        folder = Path(folder)
-        start = next_free_index(folder)
-        self.paths = [
-            save_png_atomic(image, folder / f"{start + i:05d}-{seed}.png", infotext)
-            for i, (image, seed, infotext) in enumerate(zip(self.images, self.seeds, self.infotexts))
-        ]
+    def save(self, folder: Path, pattern: str | None = None, image_format: str = "png") -> list[Path]:
+        """Write the images atomically with their infotext: `NNNNN-SEED.png` (A1111's naming) or `pattern`.
+
+        `pattern` takes fields such as `{seed}-{prompt_words}` (see naming.py); `image_format` is
+        png, jpeg or webp (the infotext goes to EXIF UserComment for the latter two).
+        """
+        from sdgen.pipelines.naming import save_images
+
+        self.paths = save_images(self.images, self.infotexts, Path(folder), pattern=pattern,
+                                 image_format=image_format, request=self.request, seeds=self.seeds)
         return self.paths
+
+
+@dataclass
+class SamplingJob:
+    """What the sampling core runs for a request: size, steps and the optional img2img / inpainting inputs."""
+
+    shape: tuple[int, int, int]  # latent (channels, height, width)
+    steps: int
+    strength: float | None = None  # None: txt2img from pure noise; else img2img denoising strength
+    init_latents: torch.Tensor | None = None  # (1 or n, c, h, w): the encoded image(s)
+    keep: torch.Tensor | None = None  # (1, 1, h, w): 1 where the init latents are kept (inpainting)
+    image_cond: torch.Tensor | None = None  # (1 or n, 5, h, w): an inpainting U-Net's mask + masked-image latents
+    sampler: str | None = None  # None: the request's
+    scheduler: str | None = None
+
+
+def _rows(tensor: torch.Tensor | None, start: int, count: int) -> torch.Tensor | None:
+    """The rows of a per-image tensor for one batch; a single row serves every image."""
+    if tensor is None:
+        return None
+    if tensor.shape[0] == 1:
+        return tensor.expand(count, *tensor.shape[1:])
+    return tensor[start:start + count]
 
 
 class StableDiffusion:
@@ -86,77 +124,218 @@ class StableDiffusion:
         """The image side the model was trained at (the U-Net's sample size times the VAE factor)."""
         return self.unet.cfg.sample_size * self.latent_factor
 
+    @property
+    def is_inpainting_model(self) -> bool:
+        """A U-Net that takes the mask and the masked image's latents as 5 extra input channels (SD inpainting)."""
+        return self.unet.cfg.in_channels == self.vae.cfg.latent_channels + 5
+
     def encode_prompt(self, prompt: str, clip_skip: int = 1) -> torch.Tensor:
         """Text-encoder hidden states (1, 77, dim) used as the U-Net's cross-attention context."""
         ids = self.tokenizer([prompt]).to(self.device)
         with torch.inference_mode():
             return self.text_encoder(ids, clip_skip=clip_skip).hidden_states
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (in the U-Net's scale) to pixels in [-1, 1]."""
+    def encode(self, pixels: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
+        """Pixels (b, 3, H, W) in [-1, 1] to latents in the U-Net's scale: the posterior mean, so no randomness.
+
+        A1111 draws a posterior sample; for SD's VAE its spread is far below a pixel step.
+        """
+        cfg = self.vae.cfg
+        vae_dtype = next(self.vae.parameters()).dtype
+
+        def encode_tile(tile: torch.Tensor, box=None) -> torch.Tensor:
+            with torch.inference_mode():
+                return self.vae.encode(tile.to(self.device, vae_dtype)).mean.float()
+
+        if tiled is None:
+            tiled = pixels.shape[-2] * pixels.shape[-1] > ENCODE_ABOVE
+        rows = []
+        for image in pixels.split(1):
+            if tiled:
+                rows.append(tiled_apply(encode_tile, image, ENCODE_TILE, ENCODE_OVERLAP, ratio=1 / self.latent_factor,
+                                        align=self.latent_factor))
+            else:
+                rows.append(encode_tile(image))
+        return (torch.cat(rows) - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+    def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
+        """Latents (in the U-Net's scale) to pixels in [-1, 1], one image at a time, in tiles when large."""
         cfg = self.vae.cfg
         latents = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
         vae_dtype = next(self.vae.parameters()).dtype
-        with torch.inference_mode():
-            return self.vae.decode(latents.to(vae_dtype)).float()
 
-    def _model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        def decode_tile(tile: torch.Tensor, box=None) -> torch.Tensor:
+            with torch.inference_mode():
+                return self.vae.decode(tile.to(vae_dtype)).float()
+
+        if tiled is None:
+            tiled = latents.shape[-2] * latents.shape[-1] > DECODE_ABOVE
+        rows = []
+        for image in latents.split(1):
+            if tiled:
+                rows.append(tiled_apply(decode_tile, image, DECODE_TILE, DECODE_OVERLAP, ratio=self.latent_factor))
+            else:
+                rows.append(decode_tile(image))
+        return torch.cat(rows)
+
+    def inpainting_conditioning(self, pixels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """An inpainting U-Net's extra input (b, 5, h, w): the mask at latent size, then the masked image's latents.
+
+        `mask` is (1, 1, H, W) with 1 = repaint (None: repaint everything, as for txt2img). The
+        masked image is the input with the repainted part set to 0 (mid grey), as in A1111 and diffusers.
+        """
+        if mask is None:
+            mask = torch.ones(1, 1, *pixels.shape[-2:])
+        mask = mask.to(pixels)
+        latents = self.encode(pixels * (1 - mask))
+        small = torch.nn.functional.interpolate(mask, size=latents.shape[-2:])  # nearest
+        return torch.cat([small.expand(latents.shape[0], -1, -1, -1).to(latents), latents], dim=1)
+
+    def _model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                  image_cond: torch.Tensor | None = None) -> torch.Tensor:
+        if image_cond is not None:
+            x = torch.cat([x, image_cond.to(x.dtype)], dim=1)
         with torch.inference_mode():
             return self.unet(x.to(self.dtype), t, context).float()
 
-    def generate(self, request: GenerationRequest | None = None, *, progress: bool = False,
-                 callback: StepCallback | None = None, output_type: str = "pil", **fields) -> GenerationResult:
-        """Run txt2img for `request` (or keyword fields of GenerationRequest); image i uses seed + i."""
-        request = replace(request or GenerationRequest(), **fields) if fields else (request or GenerationRequest())
-        request = replace(request, width=request.width or self.native_size, height=request.height or self.native_size)
-        request.validate()
-        request = request.with_seed()
-        spec, schedule_name = resolve_sampler(request.sampler, request.scheduler)
-        sigmas = sigmas_for(spec, schedule_name, self.schedule, request.steps, model_family=self.family)
+    def sample_latents(self, request: GenerationRequest, job: SamplingJob, *, progress: bool = False,
+                       callback: StepCallback | None = None) -> torch.Tensor:
+        """The sampling core: every image of `request` in batches, from noise or from `job.init_latents`.
+
+        Image i uses seed i of `request.image_seeds()`; with a strength in (0, 1) the sampler runs
+        the schedule's tail from init + noise * sigma (A1111's sample_img2img); strength 1 starts
+        from noise alone (the input is ignored) and strength 0 returns the init latents unchanged.
+        """
+        spec, schedule_name = resolve_sampler(job.sampler or request.sampler, job.scheduler or request.scheduler)
+        full_sigmas = None
+        if job.strength is None or job.strength >= 1.0:
+            sigmas = sigmas_for(spec, schedule_name, self.schedule, job.steps, model_family=self.family)
+        else:
+            full_sigmas, sigmas = img2img_sigmas(
+                lambda n: sigmas_for(spec, schedule_name, self.schedule, n, model_family=self.family),
+                job.steps, job.strength)
+        start_from_image = job.strength is not None and job.strength < 1.0
         cond = self.encode_prompt(request.prompt, request.clip_skip)
         uncond = self.encode_prompt(request.negative_prompt, request.clip_skip) if request.cfg_scale != 1.0 else None
         denoiser = make_denoiser(self._model_fn, self.schedule, lcm=spec.lcm)
-        shape = (self.unet.cfg.in_channels, request.height // self.latent_factor, request.width // self.latent_factor)
-        seeds = [request.seed + i for i in range(request.n)]
+        seeds, subseeds = request.image_seeds()
         show = progress and sys.stderr.isatty()
 
-        all_latents, images = [], []
+        batches = []
         for start in range(0, request.n, request.batch_size):
-            batch_seeds = seeds[start:start + request.batch_size]
-            count = len(batch_seeds)
+            count = min(request.batch_size, request.n - start)
+            init = _rows(job.init_latents, start, count)
+            if job.strength == 0.0:
+                batches.append(init.clone())  # nothing to denoise: the input as encoded
+                continue
+            extra = {} if job.image_cond is None else {"image_cond": _rows(job.image_cond, start, count)}
             guided = cfg_denoiser(
-                denoiser, {"context": cond.expand(count, -1, -1)},
-                None if uncond is None else {"context": uncond.expand(count, -1, -1)}, request.cfg_scale)
-            noise = ImageNoise(batch_seeds, shape, device=self.device)
+                denoiser, {"context": cond.expand(count, -1, -1), **extra},
+                None if uncond is None else {"context": uncond.expand(count, -1, -1), **extra}, request.cfg_scale)
+            if job.keep is not None:
+                guided = masked_denoiser(guided, init, job.keep.to(init))
+            noise = ImageNoise(seeds[start:start + count], job.shape, subseeds=subseeds[start:start + count],
+                               subseed_strength=request.subseed_strength, device=self.device)
             bar = tqdm(total=len(sigmas) - 1, desc=f"image {start + 1}/{request.n}", disable=not show, leave=False)
 
-            def on_step(i: int, total: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+            def on_step(i: int, total: int, x: torch.Tensor, denoised: torch.Tensor, start: int = start) -> None:
                 bar.update(1)
                 if callback is not None:
                     callback(start, i, total, denoised)
 
-            latents = sample(spec, guided, sigmas, noise, callback=on_step)
+            latents = sample(spec, guided, sigmas, noise, init_latent=init if start_from_image else None,
+                             full_sigmas=full_sigmas, callback=on_step)
             bar.close()
-            all_latents.append(latents)
-            if output_type == "pil":
-                images += to_pil(self.decode(latents))
-        infotexts = [self.infotext(request, seed, spec.name, schedule_name) for seed in seeds]
-        return GenerationResult(images, seeds, infotexts, request, latents=torch.cat(all_latents))
+            if job.keep is not None:
+                keep = job.keep.to(latents)
+                latents = init * keep + latents * (1 - keep)
+            batches.append(latents)
+        return torch.cat(batches)
 
-    def infotext(self, request: GenerationRequest, seed: int, sampler: str, schedule_name: str) -> str:
-        """AUTOMATIC1111's parameters text for one image of `request`."""
-        schedule_label = registry.schedule_label(resolve_sampler(sampler)[0], schedule_name)
+    def txt2img_conditioning(self, width: int, height: int) -> torch.Tensor | None:
+        """An inpainting model's extra channels for a run without an input image: all masked, nothing known."""
+        if not self.is_inpainting_model:
+            return None
+        return self.inpainting_conditioning(torch.zeros(1, 3, height, width, device=self.device), None)
+
+    def generate(self, request: GenerationRequest | None = None, *, progress: bool = False,
+                 callback: StepCallback | None = None, output_type: str = "pil", **fields) -> GenerationResult:
+        """Run txt2img (with the hires fix when `hires_scale` is set) for `request` or keyword fields."""
+        from sdgen.pipelines.hires import hires_pass, hires_parameters
+
+        request = replace(request or GenerationRequest(), **fields) if fields else (request or GenerationRequest())
+        request = replace(request, width=request.width or self.native_size, height=request.height or self.native_size)
+        request.validate()
+        request = request.with_seed()
+        factor = self.latent_factor
+        shape = (self.vae.cfg.latent_channels, request.height // factor, request.width // factor)
+        job = SamplingJob(shape, request.steps, image_cond=self.txt2img_conditioning(request.width, request.height))
+        latents = self.sample_latents(request, job, progress=progress, callback=callback)
+        extra = {}
+        if request.hires_scale is not None:
+            latents = hires_pass(self, request, latents, progress=progress, callback=callback)
+            extra = hires_parameters(request)
+        return self.result(request, latents, output_type, extra)
+
+    def img2img(self, request: Img2ImgRequest | None = None, *, progress: bool = False,
+                callback: StepCallback | None = None, output_type: str = "pil", **fields) -> GenerationResult:
+        """img2img, or inpainting when the request has a mask (see img2img.py for the image preparation)."""
+        from sdgen.pipelines.img2img import run_img2img
+
+        request = replace(request or Img2ImgRequest(), **fields)
+        return run_img2img(self, request, progress=progress, callback=callback, output_type=output_type)
+
+    def inpaint(self, request: Img2ImgRequest | None = None, *, progress: bool = False,
+                callback: StepCallback | None = None, output_type: str = "pil", **fields) -> GenerationResult:
+        """Inpainting: img2img whose request carries a mask (white = repaint)."""
+        request = replace(request or Img2ImgRequest(), **fields)
+        if request.mask is None:
+            raise RequestError("mask is missing: inpainting needs a mask image (white = repaint)")
+        return self.img2img(request, progress=progress, callback=callback, output_type=output_type)
+
+    def outpaint(self, request: Img2ImgRequest | None = None, *, left: int = 0, right: int = 0, up: int = 0,
+                 down: int = 0, progress: bool = False, callback: StepCallback | None = None,
+                 output_type: str = "pil", **fields) -> GenerationResult:
+        """Extend the canvas by the given pixels and inpaint the new border, the seam blended (img2img.py)."""
+        from sdgen.pipelines.img2img import outpaint_request
+
+        request = outpaint_request(replace(request or Img2ImgRequest(), **fields), left=left, right=right,
+                                   up=up, down=down)
+        return self.img2img(request, progress=progress, callback=callback, output_type=output_type)
+
+    def result(self, request: GenerationRequest, latents: torch.Tensor, output_type: str = "pil",
+               extra: dict | None = None, images: list[Image.Image] | None = None) -> GenerationResult:
+        """Decode `latents` (unless `images` are given) and attach each image's seed and infotext."""
+        if images is None and output_type == "pil":
+            images = to_pil(self.decode(latents))
+        seeds, subseeds = request.image_seeds()
+        infotexts = [self.infotext(request, seed, subseed, extra) for seed, subseed in zip(seeds, subseeds)]
+        return GenerationResult(images or [], seeds, infotexts, request, latents=latents, subseeds=subseeds)
+
+    def infotext(self, request: GenerationRequest, seed: int, subseed: int | None = None,
+                 extra: dict | None = None) -> str:
+        """AUTOMATIC1111's parameters text for one image of `request`; `extra` adds hires / inpainting keys."""
+        spec, schedule_name = resolve_sampler(request.sampler, request.scheduler)
+        variation = request.subseed_strength != 0
+        strength = request.strength if isinstance(request, Img2ImgRequest) else None
+        if request.hires_scale is not None and not isinstance(request, Img2ImgRequest):
+            strength = request.hires_strength
+        width, height = request.resolved_size() if isinstance(request, Img2ImgRequest) else (request.width, request.height)
         return format_infotext(request.prompt, request.negative_prompt, {
             "Steps": request.steps,
-            "Sampler": sampler,
-            "Schedule type": schedule_label,
+            "Sampler": spec.name,
+            "Schedule type": registry.schedule_label(spec, schedule_name),
             "CFG scale": request.cfg_scale,
             "Seed": seed,
-            "Size": f"{request.width}x{request.height}",
+            "Size": f"{width}x{height}",
             "Model hash": self.model_hash,
             "Model": self.name,
             "VAE": self.vae_name,
+            "Variation seed": subseed if variation else None,
+            "Variation seed strength": request.subseed_strength if variation else None,
+            "Denoising strength": strength,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "RNG": "CPU",
+            **(extra or {}),
             "Version": f"sdgen {sdgen.__version__}",
         })
