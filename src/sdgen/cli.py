@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sampler", default="Euler a")
     evaluate.add_argument("--seed", type=int, default=1000)
     evaluate.add_argument("--out", default="outputs/eval", help="folder for the contact sheet and report.json")
+
+    from sdgen.server.arguments import add_serve_arguments
+
+    add_serve_arguments(commands.add_parser("serve", help="HTTP API (AUTOMATIC1111-compatible), job queue, web UI"))
     return parser
 
 
@@ -124,8 +128,14 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from sdgen.server.arguments import run_serve as serve
+
+    return serve(args)
+
+
 COMMANDS = {"generate": run_generate, "samplers": run_samplers, "info": run_info, "train": run_train,
-            "eval": run_eval}
+            "eval": run_eval, "serve": run_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
