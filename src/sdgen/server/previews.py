@@ -1,0 +1,59 @@
+"""Live previews: a fixed linear map from the 4 latent channels to RGB, as A1111's "Approx cheap".
+
+Instead of a table of coefficients per model family, the map is fitted once per loaded model
+by least squares: a few smooth synthetic colour fields are encoded with the model's own VAE
+and each latent pixel is regressed onto the mean colour of the image patch it covers
+(rgb = latent @ W + b, W of shape 4x3). Applying it costs one small matmul per preview.
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+FIT_IMAGES = 8
+FIT_SIZE = 64
+
+
+def _colour_fields(count: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random images in [-1, 1]: 3x3 random colour grids upsampled bilinearly, plus flat colours."""
+    generator = torch.Generator().manual_seed(seed)
+    grids = torch.rand(count, 3, 3, 3, generator=generator) * 2 - 1
+    fields = F.interpolate(grids, size=(size, size), mode="bilinear", align_corners=True)
+    flat = torch.rand(count, 3, 1, 1, generator=generator) * 2 - 1
+    return torch.cat([fields, flat.expand(-1, -1, size, size)])
+
+
+def fit_preview_map(vae: torch.nn.Module, scaling_factor: float, shift_factor: float = 0.0) -> torch.Tensor:
+    """(channels + 1, 3) least-squares map from U-Net-scale latents (plus a bias) to RGB in [-1, 1]."""
+    parameter = next(vae.parameters())
+    pixels = _colour_fields(FIT_IMAGES // 2, FIT_SIZE)
+    with torch.inference_mode():
+        latents = vae.encode(pixels.to(parameter.device, parameter.dtype)).mode().float().cpu()
+    latents = (latents - shift_factor) * scaling_factor
+    factor = FIT_SIZE // latents.shape[-1]
+    targets = F.avg_pool2d(pixels, factor)
+    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    y = targets.permute(0, 2, 3, 1).reshape(-1, 3)
+    x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+    return torch.linalg.lstsq(x, y).solution
+
+
+def preview_image(latents: torch.Tensor, weights: torch.Tensor, size: tuple[int, int] | None = None) -> Image.Image:
+    """One latent (channels, h, w) to a small RGB image, scaled up to `size` (width, height) if given."""
+    x = latents.detach().float().cpu().permute(1, 2, 0)
+    rgb = x @ weights[:-1] + weights[-1]
+    array = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    image = Image.fromarray(array)
+    if size is not None:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    return image
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    with io.BytesIO() as buffer:
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()

@@ -1,0 +1,267 @@
+"""The one generation thread: takes queued jobs in order, runs them, records images and progress.
+
+One job generates at a time, server-wide. Progress follows AUTOMATIC1111's `shared.state`
+(job_count = batch iterations, job_no, sampling_step, sampling_steps, skipped, interrupted).
+Interrupt keeps the finished iterations and the current one as it stands (A1111's behaviour),
+skip drops the current iteration and goes on with the next (later images keep seed + i).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import sdgen
+from sdgen.diffusion.samplers import Interrupted
+from sdgen.errors import UserError
+from sdgen.pipelines.request import GenerationRequest
+from sdgen.server.catalog import Catalog, CheckpointEntry
+from sdgen.server.previews import fit_preview_map, preview_image
+from sdgen.server.store import Job, Store
+
+
+class JobFailed(Exception):
+    """A job that cannot run as asked (its model is gone, img2img missing); the message says why."""
+
+
+@dataclass
+class Progress:
+    """A snapshot of the running job, in A1111's `shared.state` terms."""
+
+    job: str = ""
+    job_count: int = 0
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    time_start: float = 0.0
+    job_timestamp: str = "0"
+    skipped: bool = False
+    interrupted: bool = False
+    textinfo: str | None = None
+    preview_latents: torch.Tensor | None = field(default=None, repr=False)
+    preview_size: tuple[int, int] = (0, 0)
+    preview_step: int = -1
+
+    def state(self) -> dict:
+        """A1111's `state.dict()`."""
+        return {"skipped": self.skipped, "interrupted": self.interrupted, "stopping_generation": False,
+                "job": self.job, "job_count": self.job_count, "job_timestamp": self.job_timestamp,
+                "job_no": self.job_no, "sampling_step": self.sampling_step, "sampling_steps": self.sampling_steps}
+
+    def fraction(self) -> float:
+        """A1111's progress: 0.01 + done iterations + the current one's step share, capped at 1."""
+        if not self.job_count:
+            return 0.0
+        value = 0.01 + self.job_no / self.job_count
+        if self.sampling_steps:
+            value += self.sampling_step / self.sampling_steps / self.job_count
+        return min(value, 1.0)
+
+    def eta(self) -> float:
+        """Seconds left, extrapolated from the time spent so far (A1111's eta_relative)."""
+        if not self.job_count:
+            return 0.0
+        spent = time.time() - self.time_start
+        return spent / self.fraction() - spent
+
+
+class Worker:
+    """Runs jobs from `store` one at a time on a daemon thread; loads models from `catalog` on demand."""
+
+    def __init__(self, store: Store, catalog: Catalog, *, device: str = "auto", dtype: str = "fp32",
+                 preview_every: int = 3):
+        self.store, self.catalog = store, catalog
+        self.device, self.dtype, self.preview_every = device, dtype, preview_every
+        self.pipeline = None
+        self.loaded: CheckpointEntry | None = None
+        self.preview_map: torch.Tensor | None = None
+        self.progress = Progress()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._done: dict[str, threading.Event] = {}
+        self._thread = threading.Thread(target=self._run, name="sdgen-worker", daemon=True)
+
+    # Control from the HTTP threads -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.interrupt()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def interrupt(self, job_id: str | None = None) -> bool:
+        """Stop the running job (only if it is `job_id`, when given) at its next step."""
+        with self._lock:
+            if not self.progress.job or (job_id is not None and job_id != self.progress.job):
+                return False
+            self.progress.interrupted = True
+            return True
+
+    def skip(self) -> None:
+        with self._lock:
+            if self.progress.job:
+                self.progress.skipped = True
+
+    def snapshot(self) -> Progress:
+        with self._lock:
+            return replace(self.progress)
+
+    def done_event(self, job_id: str) -> threading.Event:
+        with self._lock:
+            return self._done.setdefault(job_id, threading.Event())
+
+    def preview(self) -> Image.Image | None:
+        """The latest live preview of the running job (None before its first)."""
+        with self._lock:
+            latents, size, weights = self.progress.preview_latents, self.progress.preview_size, self.preview_map
+        if latents is None or weights is None:
+            return None
+        return preview_image(latents, weights, size)
+
+    @property
+    def native_size(self) -> int | None:
+        return self.pipeline.native_size if self.pipeline is not None else None
+
+    # The thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            job = self.store.next_queued()
+            if job is None:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            self._process(job)
+
+    def _process(self, job: Job) -> None:
+        self.store.mark_running(job.id)
+        params = job.params
+        iterations = int(params.get("n_iter", 1))
+        with self._lock:
+            self.progress = Progress(job=job.id, job_count=iterations, time_start=time.time(),
+                                     job_timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
+                                     sampling_steps=int(params["steps"]))
+        try:
+            state, result = self._generate(job)
+            self.store.finish(job.id, state, result=result)
+        except Exception as error:  # a failing job must never stop the worker
+            message = str(error) or type(error).__name__
+            if not isinstance(error, (JobFailed, UserError, ValueError)):
+                traceback.print_exc()
+                message = f"{type(error).__name__}: {message}"
+            self.store.finish(job.id, "failed", error=message)
+        finally:
+            with self._lock:
+                self.progress = Progress()
+                event = self._done.pop(job.id, None)
+            if event is not None:
+                event.set()
+
+    def _ensure_model(self, title: str | None) -> CheckpointEntry:
+        entry = self.catalog.find(title)
+        if entry is None:
+            raise JobFailed(f"model {title!r} is no longer available; see /sdapi/v1/sd-models")
+        if self.loaded is None or self.loaded.title != entry.title or self.pipeline is None:
+            self.pipeline, self.preview_map = None, None
+            with self._lock:
+                self.progress.textinfo = f"loading {entry.title}"
+            pipeline = sdgen.load(entry.path, device=self.device, dtype=self.dtype)
+            try:
+                cfg = pipeline.vae.cfg
+                self.preview_map = fit_preview_map(pipeline.vae, cfg.scaling_factor, cfg.shift_factor or 0.0)
+            except Exception:  # previews are a convenience; a model without them still generates
+                self.preview_map = None
+            self.pipeline, self.loaded = pipeline, entry
+            with self._lock:
+                self.progress.textinfo = None
+        return entry
+
+    def _on_step(self, image_index: int, step: int, total: int, denoised: torch.Tensor) -> None:
+        with self._lock:
+            progress = self.progress
+            progress.sampling_step, progress.sampling_steps = step + 1, total
+            if self.preview_every and (step % self.preview_every == 0 or step + 1 == total):
+                progress.preview_latents = denoised[0].detach().float().cpu().clone()
+                progress.preview_step = step
+            stop = progress.interrupted or progress.skipped
+        if stop:
+            raise Interrupted()
+
+    def _generate(self, job: Job) -> tuple[str, dict]:
+        params = job.params
+        entry = self._ensure_model(params.get("model"))
+        pipeline = self.pipeline
+        request = GenerationRequest(**{k: params[k] for k in GenerationRequest.__dataclass_fields__ if k in params})
+        width = request.width or pipeline.native_size
+        height = request.height or pipeline.native_size
+        request = replace(request, width=width, height=height).with_seed()
+        with self._lock:
+            self.progress.preview_size = (width, height)
+        iterations, batch = int(params.get("n_iter", 1)), request.batch_size
+        folder = self.store.outputs / datetime.now().strftime("%Y-%m-%d")
+        seeds, infotexts, image_ids, skipped = [], [], [], 0
+        state = "done"
+        for iteration in range(iterations):
+            with self._lock:
+                self.progress.job_no, self.progress.sampling_step = iteration, 0
+                self.progress.skipped = False
+                if self.progress.interrupted:
+                    state = "interrupted"
+                    break
+            part = replace(request, seed=request.seed + iteration * batch, n=batch)
+            result = self._run_one(job, pipeline, part)
+            with self._lock:
+                was_skipped, interrupted = self.progress.skipped, self.progress.interrupted
+            if was_skipped and not interrupted:
+                skipped += batch
+                continue
+            for offset, path in enumerate(result.save(folder)):
+                image_ids.append(self.store.add_image(
+                    job.id, len(seeds), path, prompt=part.prompt, negative_prompt=part.negative_prompt,
+                    seed=result.seeds[offset], width=width, height=height, model=entry.title,
+                    infotext=result.infotexts[offset]))
+                seeds.append(result.seeds[offset])
+                infotexts.append(result.infotexts[offset])
+            if interrupted:
+                state = "interrupted"
+                break
+        with self._lock:
+            timestamp = self.progress.job_timestamp
+        return state, {"seed": request.seed, "seeds": seeds, "infotexts": infotexts, "image_ids": image_ids,
+                       "width": width, "height": height, "model": entry.title, "model_name": entry.model_name,
+                       "model_hash": pipeline.model_hash, "vae": pipeline.vae_name, "skipped_images": skipped,
+                       "job_timestamp": timestamp}
+
+    def _run_one(self, job: Job, pipeline, request: GenerationRequest):
+        if job.kind == "txt2img":
+            return pipeline.generate(request, callback=self._on_step)
+        return self._img2img(job, pipeline, request)
+
+    def _img2img(self, job: Job, pipeline, request: GenerationRequest):
+        """img2img and inpainting through the pipeline's own functions, when this build has them."""
+        img2img = getattr(pipeline, "img2img", None)
+        if img2img is None:
+            raise JobFailed("img2img is not available in this sdgen build yet")
+        params = job.params
+        with Image.open(Path(params["_init_image"])) as image:
+            init = image.convert("RGB")
+        mask = None
+        if params.get("_mask"):
+            with Image.open(Path(params["_mask"])) as image:
+                mask = image.convert("L")
+        return img2img(request, init, mask=mask, strength=params.get("denoising_strength", 0.75),
+                       callback=self._on_step, **params.get("img2img_options", {}))
