@@ -71,7 +71,8 @@ def load_pipeline(path: str | Path | None = None, *, vae: str | Path | None = No
     if parts.family not in ("sd1", "sd2"):
         raise CheckpointError(path, f"{parts.family} models are not supported yet", "use an SD 1.x or 2.x checkpoint")
     if vae is not None:
-        parts.vae_config, parts.vae_state = read_vae(vae)
+        scaling = parts.vae_config["scaling_factor"] if parts.vae_config else None
+        parts.vae_config, parts.vae_state = read_vae(vae, scaling_factor=scaling)
     if not parts.vae_state:
         raise CheckpointError(path, "the checkpoint has no VAE weights", "pass --vae PATH")
     return StableDiffusion.from_parts(parts, device=torch_device, dtype=torch_dtype, vae_source=vae)
