@@ -52,7 +52,9 @@ def decode_image(data: str, field: str, limits: Limits) -> Image.Image:
     try:
         raw = base64.b64decode(data, validate=False)
         image = Image.open(io.BytesIO(raw), formats=["PNG", "JPEG", "WEBP"])
-    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError, SyntaxError) as error:
+    except Image.DecompressionBombError:
+        raise RequestError(f"{field} declares more pixels than the server's image size limit") from None
+    except (binascii.Error, ValueError, OSError, SyntaxError) as error:
         raise RequestError(f"{field} is not a readable base64 PNG, JPEG or WEBP image ({error})") from None
     if image.width * image.height > limits.max_side ** 2 or max(image.size) > 4 * limits.max_side:
         raise RequestError(f"{field} is {image.width}x{image.height}, over the server's image size limit")
