@@ -135,7 +135,8 @@ def train_clip(recipe: Recipe, run_dir: Path, stream: SceneStream, tokenizer: CL
 
     def loss_fn(batch, step: int):
         images, captions = batch
-        logits = model.image_text_similarity(images, tokenizer(captions)).float()
+        ids = tokenizer(captions, max_length=section.get("train_tokens", tokenizer.model_max_length))
+        logits = model.image_text_similarity(images, ids).float()
         labels = torch.arange(len(captions))
         loss = 0.5 * (torch.nn.functional.cross_entropy(logits, labels)
                       + torch.nn.functional.cross_entropy(logits.t(), labels))
