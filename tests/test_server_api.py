@@ -105,7 +105,7 @@ def test_wrong_types_are_422_naming_the_field(client, body, field):
     ({"scheduler": "wobbly"}, "schedule type"), ({"cfg_scale": float("inf")}, "cfg_scale"),
     ({"batch_size": 9}, "batch_size"), ({"n_iter": 10, "batch_size": 2}, "n_iter x batch_size"),
     ({"override_settings": {"sd_model_checkpoint": "missing.safetensors"}}, "sd_model_checkpoint"),
-    ({"enable_hr": True}, "enable_hr"), ({"prompt": "x" * 20_001}, "prompt"),
+    ({"tiling": True}, "tiling"), ({"enable_hr": True, "hr_scale": 9}, "hires_scale"), ({"prompt": "x" * 20_001}, "prompt"),
     ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts"),
 ])
 def test_bad_values_are_422_and_nothing_is_queued(client, body, words):
@@ -115,6 +115,15 @@ def test_bad_values_are_422_and_nothing_is_queued(client, body, words):
     assert response.status_code == 422, response.text
     assert words in json.dumps(response.json())
     assert len(client.get("/api/v1/jobs").json()) == len(before)
+
+
+def test_hires_fix_second_pass(client):
+    body = {"prompt": "hires", "steps": 2, "seed": 8, "enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5,
+            "hr_upscaler": "Latent"}
+    response = client.post("/sdapi/v1/txt2img", json=body).json()
+    info = json.loads(response["info"])
+    assert decode(response["images"][0]).size == (96, 96)
+    assert info["denoising_strength"] == 0.5 and "Hires upscale: 1.5" in info["infotexts"][0]
 
 
 def test_progress_preview_and_interrupt(client):

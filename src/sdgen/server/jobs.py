@@ -20,13 +20,15 @@ import sdgen
 from sdgen.diffusion.registry import resolve_sampler, schedule_label
 from sdgen.pipelines.infotext import parse_infotext
 from sdgen.pipelines.output import save_png_atomic
-from sdgen.pipelines.request import GenerationRequest, Limits, RequestError, check_float_range
+from sdgen.pipelines.request import (MASKED_CONTENT, RESIZE_MODES, GenerationRequest, Img2ImgRequest, Limits,
+                                     RequestError, check_float_range)
 from sdgen.server.catalog import Catalog
-from sdgen.server.schemas import GenerationFields, Img2ImgRequest, Txt2ImgRequest
+from sdgen.server import schemas
+from sdgen.server.schemas import GenerationFields
 from sdgen.server.store import Job, Store
 
 # Request fields of features sdgen does not have: refused when switched on, never silently ignored.
-UNSUPPORTED_FLAGS = ("restore_faces", "tiling", "enable_hr")
+UNSUPPORTED_FLAGS = ("restore_faces", "tiling")
 MAX_IMAGE_BYTES = 24 * 1024 * 1024
 
 # infotext key -> (request field, converter), for `infotext` filling fields not given explicitly
@@ -88,14 +90,22 @@ def _pick(value, default):
     return default if value is None else value
 
 
+def _hires_fields(request: GenerationFields) -> dict:
+    """A1111's hires fix fields as GenerationRequest's (`denoising_strength` is the second pass's)."""
+    if not getattr(request, "enable_hr", False):
+        return {}
+    if request.hr_resize_x or request.hr_resize_y:
+        raise RequestError("hr_resize_x / hr_resize_y are not supported; use hr_scale")
+    return {"hires_scale": _pick(request.hr_scale, 2.0), "hires_strength": _pick(request.denoising_strength, 0.7),
+            "hires_steps": _pick(request.hr_second_pass_steps, 0), "hires_upscaler": request.hr_upscaler or "Latent"}
+
+
 def build_params(request: GenerationFields, kind: str, catalog: Catalog, options: dict, limits: Limits) -> dict:
     """Validated job parameters (JSON-able) for a txt2img or img2img request; RequestError names the field."""
     request = _fill_from_infotext(request)
     for flag in UNSUPPORTED_FLAGS:
         if getattr(request, flag, None):
             raise RequestError(f"{flag} is not supported by sdgen; leave it false")
-    if request.subseed_strength:
-        raise RequestError("subseed_strength: variation seeds are not supported by this server yet; send 0")
     if request.script_name:
         raise RequestError(f"script_name: no scripts are installed in sdgen (got {request.script_name!r})")
     if request.alwayson_scripts:
@@ -122,7 +132,8 @@ def build_params(request: GenerationFields, kind: str, catalog: Catalog, options
         prompt=_pick(request.prompt, ""), negative_prompt=_pick(request.negative_prompt, ""),
         seed=_pick(request.seed, -1), steps=_pick(request.steps, 50), sampler=spec.name, scheduler=schedule,
         cfg_scale=_pick(request.cfg_scale, 7.0), width=request.width, height=request.height,
-        n=n_iter * batch_size, batch_size=batch_size, clip_skip=clip_skip)
+        n=n_iter * batch_size, batch_size=batch_size, clip_skip=clip_skip, subseed=_pick(request.subseed, -1),
+        subseed_strength=_pick(request.subseed_strength, 0.0), **_hires_fields(request))
     if generation.n > limits.max_images:
         raise RequestError(f"n_iter x batch_size is {generation.n} images; the limit is {limits.max_images}")
     if (generation.width is None) != (generation.height is None):
@@ -132,6 +143,8 @@ def build_params(request: GenerationFields, kind: str, catalog: Catalog, options
     params = asdict(generation)
     params.update(model=entry.title, n_iter=n_iter, sampler_name=spec.name,
                   schedule_label=schedule_label(spec, schedule))
+    if generation.hires_scale is not None:
+        params["denoising_strength"] = generation.hires_strength
     if kind == "img2img":
         strength = _pick(request.denoising_strength, 0.75)
         check_float_range("denoising_strength", strength, 0.0, 1.0)
@@ -139,24 +152,34 @@ def build_params(request: GenerationFields, kind: str, catalog: Catalog, options
     return params
 
 
-def save_inputs(request: Img2ImgRequest, params: dict, store: Store, limits: Limits) -> None:
-    """Decode and keep img2img inputs in `data_dir/inputs` so a queued job survives a restart."""
+def _choice(name: str, value: int, choices: tuple[str, ...]) -> str:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(choices):
+        raise RequestError(f"{name} must be one of {', '.join(f'{i} ({c})' for i, c in enumerate(choices))}, got {value!r}")
+    return choices[value]
+
+
+def save_inputs(request: schemas.Img2ImgRequest, params: dict, store: Store, limits: Limits) -> None:
+    """Decode, check and keep img2img inputs in `data_dir/inputs` so a queued job survives a restart."""
     if not request.init_images:
         raise RequestError("init_images: img2img needs one base64 image")
-    init = decode_image(request.init_images[0], "init_images[0]", limits)
+    init = decode_image(request.init_images[0], "init_images[0]", limits).convert("RGB")
+    mask = decode_image(request.mask, "mask", limits).convert("L") if request.mask else None
+    options = {"resize_mode": _choice("resize_mode", _pick(request.resize_mode, 0), RESIZE_MODES)}
+    if mask is not None:
+        options.update(
+            mask_blur=_pick(request.mask_blur, _pick(request.mask_blur_x, 4)),
+            masked_content=_choice("inpainting_fill", _pick(request.inpainting_fill, 0), MASKED_CONTENT),
+            only_masked=bool(_pick(request.inpaint_full_res, True)),
+            only_masked_padding=_pick(request.inpaint_full_res_padding, 0),
+            mask_invert=bool(_pick(request.inpainting_mask_invert, 0)))
+    fields = {k: v for k, v in params.items() if k in GenerationRequest.__dataclass_fields__}
+    Img2ImgRequest(**fields, init_image=init, mask=mask, strength=params["denoising_strength"],
+                   **options).validate(limits)
     name = uuid.uuid4().hex
-    params["_init_image"] = str(save_png_atomic(init.convert("RGB"), store.inputs / f"{name}-init.png"))
-    if request.mask:
-        mask = decode_image(request.mask, "mask", limits)
-        params["_mask"] = str(save_png_atomic(mask.convert("L"), store.inputs / f"{name}-mask.png"))
-    params["img2img_options"] = {
-        "resize_mode": _pick(request.resize_mode, 0),
-        "mask_blur": _pick(request.mask_blur, _pick(request.mask_blur_x, 4)),
-        "inpainting_fill": _pick(request.inpainting_fill, 0),
-        "inpaint_full_res": _pick(request.inpaint_full_res, True),
-        "inpaint_full_res_padding": _pick(request.inpaint_full_res_padding, 0),
-        "inpainting_mask_invert": _pick(request.inpainting_mask_invert, 0),
-    } if request.mask else {"resize_mode": _pick(request.resize_mode, 0)}
+    params["_init_image"] = str(save_png_atomic(init, store.inputs / f"{name}-init.png"))
+    if mask is not None:
+        params["_mask"] = str(save_png_atomic(mask, store.inputs / f"{name}-mask.png"))
+    params["img2img_options"] = options
 
 
 def job_kind(request: GenerationFields) -> str:
@@ -174,7 +197,8 @@ def info_dict(job: Job) -> dict:
         "prompt": prompt, "all_prompts": [prompt] * count,
         "negative_prompt": negative, "all_negative_prompts": [negative] * count,
         "seed": result.get("seed", params.get("seed")), "all_seeds": seeds,
-        "subseed": -1, "all_subseeds": [-1] * count, "subseed_strength": 0,
+        "subseed": params.get("subseed", -1), "all_subseeds": [-1 if s is None else s for s in result.get("subseeds", [None] * count)],
+        "subseed_strength": params.get("subseed_strength", 0),
         "width": result.get("width", params.get("width")), "height": result.get("height", params.get("height")),
         "sampler_name": params.get("sampler_name"), "cfg_scale": params.get("cfg_scale"),
         "steps": params.get("steps"), "batch_size": params.get("batch_size"),

@@ -256,6 +256,16 @@ class Store:
             rows = self.db.execute("SELECT * FROM images WHERE job_id = ? ORDER BY position", (job_id,)).fetchall()
         return [dict(row) for row in rows]
 
+    def keep_complete_iterations(self, job_id: str, batch_size: int) -> list[dict]:
+        """A re-run job's images of whole batch iterations; rows (and files) of a partial one are removed."""
+        rows = self.images_for(job_id)
+        complete = len(rows) // batch_size * batch_size
+        for row in rows[complete:]:
+            (self.outputs / row["path"]).unlink(missing_ok=True)
+            with self._lock:
+                self.db.execute("DELETE FROM images WHERE id = ?", (row["id"],))
+        return rows[:complete]
+
     def image(self, image_id: int) -> dict | None:
         with self._lock:
             row = self.db.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()

@@ -21,7 +21,7 @@ from PIL import Image
 import sdgen
 from sdgen.diffusion.samplers import Interrupted
 from sdgen.errors import UserError
-from sdgen.pipelines.request import GenerationRequest
+from sdgen.pipelines.request import GenerationRequest, Img2ImgRequest
 from sdgen.server.catalog import Catalog, CheckpointEntry
 from sdgen.server.previews import fit_preview_map, preview_image
 from sdgen.server.store import Job, Store
@@ -46,7 +46,6 @@ class Progress:
     interrupted: bool = False
     textinfo: str | None = None
     preview_latents: torch.Tensor | None = field(default=None, repr=False)
-    preview_size: tuple[int, int] = (0, 0)
     preview_step: int = -1
 
     def state(self) -> dict:
@@ -127,10 +126,10 @@ class Worker:
     def preview(self) -> Image.Image | None:
         """The latest live preview of the running job (None before its first)."""
         with self._lock:
-            latents, size, weights = self.progress.preview_latents, self.progress.preview_size, self.preview_map
+            latents, weights = self.progress.preview_latents, self.preview_map
         if latents is None or weights is None:
             return None
-        return preview_image(latents, weights, size)
+        return preview_image(latents, weights)
 
     @property
     def native_size(self) -> int | None:
@@ -205,24 +204,26 @@ class Worker:
         params = job.params
         entry = self._ensure_model(params.get("model"))
         pipeline = self.pipeline
-        request = GenerationRequest(**{k: params[k] for k in GenerationRequest.__dataclass_fields__ if k in params})
-        width = request.width or pipeline.native_size
-        height = request.height or pipeline.native_size
-        request = replace(request, width=width, height=height).with_seed()
-        with self._lock:
-            self.progress.preview_size = (width, height)
+        request = self._request(job, pipeline)
         iterations, batch = int(params.get("n_iter", 1)), request.batch_size
         folder = self.store.outputs / datetime.now().strftime("%Y-%m-%d")
-        seeds, infotexts, image_ids, skipped = [], [], [], 0
-        state = "done"
-        for iteration in range(iterations):
+        # A job re-run after a crash resumes after its last complete iteration (same seeds, same pixels).
+        kept = self.store.keep_complete_iterations(job.id, batch)
+        seeds = [row["seed"] for row in kept]
+        infotexts = [row["infotext"] for row in kept]
+        subseeds: list[int | None] = [None] * len(kept)  # not stored per image: unknown after a resume
+        image_ids = [row["id"] for row in kept]
+        skipped, state = 0, "done"
+        all_seeds, all_subseeds = request.image_seeds()
+        for iteration in range(len(kept) // batch, iterations):
             with self._lock:
                 self.progress.job_no, self.progress.sampling_step = iteration, 0
                 self.progress.skipped = False
                 if self.progress.interrupted:
                     state = "interrupted"
                     break
-            part = replace(request, seed=request.seed + iteration * batch, n=batch)
+            first = iteration * batch
+            part = replace(request, seed=all_seeds[first], subseed=all_subseeds[first], n=batch)
             result = self._run_one(job, pipeline, part)
             with self._lock:
                 was_skipped, interrupted = self.progress.skipped, self.progress.interrupted
@@ -230,38 +231,43 @@ class Worker:
                 skipped += batch
                 continue
             for offset, path in enumerate(result.save(folder)):
+                width, height = result.images[offset].size  # the hires fix makes them larger than asked
                 image_ids.append(self.store.add_image(
                     job.id, len(seeds), path, prompt=part.prompt, negative_prompt=part.negative_prompt,
                     seed=result.seeds[offset], width=width, height=height, model=entry.title,
                     infotext=result.infotexts[offset]))
                 seeds.append(result.seeds[offset])
+                subseeds.append(result.subseeds[offset])
                 infotexts.append(result.infotexts[offset])
             if interrupted:
                 state = "interrupted"
                 break
         with self._lock:
             timestamp = self.progress.job_timestamp
-        return state, {"seed": request.seed, "seeds": seeds, "infotexts": infotexts, "image_ids": image_ids,
-                       "width": width, "height": height, "model": entry.title, "model_name": entry.model_name,
+        width, height = request.resolved_size() if job.kind == "img2img" else (request.width, request.height)
+        return state, {"seed": request.seed, "seeds": seeds, "subseeds": subseeds, "infotexts": infotexts,
+                       "image_ids": image_ids, "width": width, "height": height, "model": entry.title, "model_name": entry.model_name,
                        "model_hash": pipeline.model_hash, "vae": pipeline.vae_name, "skipped_images": skipped,
                        "job_timestamp": timestamp}
 
-    def _run_one(self, job: Job, pipeline, request: GenerationRequest):
-        if job.kind == "txt2img":
-            return pipeline.generate(request, callback=self._on_step)
-        return self._img2img(job, pipeline, request)
-
-    def _img2img(self, job: Job, pipeline, request: GenerationRequest):
-        """img2img and inpainting through the pipeline's own functions, when this build has them."""
-        img2img = getattr(pipeline, "img2img", None)
-        if img2img is None:
-            raise JobFailed("img2img is not available in this sdgen build yet")
+    def _request(self, job: Job, pipeline) -> GenerationRequest:
+        """The library request of a job: txt2img at the model's native size unless given; img2img with its images."""
         params = job.params
+        fields = {k: params[k] for k in GenerationRequest.__dataclass_fields__ if k in params}
+        if job.kind == "txt2img":
+            native = pipeline.native_size
+            fields.update(width=fields.get("width") or native, height=fields.get("height") or native)
+            return GenerationRequest(**fields).with_seed()
         with Image.open(Path(params["_init_image"])) as image:
             init = image.convert("RGB")
         mask = None
         if params.get("_mask"):
             with Image.open(Path(params["_mask"])) as image:
                 mask = image.convert("L")
-        return img2img(request, init, mask=mask, strength=params.get("denoising_strength", 0.75),
-                       callback=self._on_step, **params.get("img2img_options", {}))
+        return Img2ImgRequest(**fields, init_image=init, mask=mask, strength=params["denoising_strength"],
+                              **params.get("img2img_options", {})).with_seed()
+
+    def _run_one(self, job: Job, pipeline, request: GenerationRequest):
+        if job.kind == "txt2img":
+            return pipeline.generate(request, callback=self._on_step)
+        return pipeline.img2img(request, callback=self._on_step)
