@@ -92,6 +92,9 @@ class GenerationRequest:
         check_float_range("cfg_scale", self.cfg_scale, 0.0, 100.0)
         if self.width is not None or self.height is not None:
             check_size(self.width, self.height, limits)
+        from sdgen.diffusion.registry import resolve_sampler
+
+        resolve_sampler(self.sampler, self.scheduler)  # unknown names: the error lists the valid ones
         if not isinstance(self.subseed, int) or isinstance(self.subseed, bool) or not -1 <= self.subseed <= 2**63 - 1:
             raise RequestError(f"subseed must be -1 (random) or a non-negative integer, got {self.subseed!r}")
         check_float_range("subseed_strength", self.subseed_strength, 0.0, 1.0)
