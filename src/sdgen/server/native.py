@@ -13,7 +13,7 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from sdgen.server import jobs, schemas
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 EVENT_INTERVAL = 0.25
 HEARTBEAT_SECONDS = 15.0
+SQLITE_MAX_INT = 2**63 - 1
 
 
 def image_item(row: dict) -> dict:
@@ -120,12 +121,12 @@ def router(server: "Server") -> APIRouter:
 
     @api.get("/gallery")
     def gallery(q: str = Query("", max_length=1000, description="text to find in the prompt or negative prompt"),
-                limit: int = Query(60, ge=1, le=500), before: int | None = Query(None, ge=0)) -> dict:
+                limit: int = Query(60, ge=1, le=500), before: int | None = Query(None, ge=0, le=SQLITE_MAX_INT)) -> dict:
         """Gallery images, newest first; page with `before` = the last id seen."""
         return {"images": [image_item(row) for row in server.store.gallery(q, limit, before)]}
 
     @api.get("/images/{image_id}", response_class=FileResponse)
-    def image_file(image_id: int) -> FileResponse:
+    def image_file(image_id: int = Path(ge=0, le=SQLITE_MAX_INT)) -> FileResponse:
         path = server.store.image_path(image_id)
         if path is None:
             raise HTTPException(status_code=404, detail=f"no image {image_id}")
