@@ -65,9 +65,8 @@ try {
     await page.fill("#prompt", "");
     await page.fill("#steps", "20");
     await page.evaluate(async () => {
-      const url = document.querySelector("#gallery img:last-of-type").src;
-      const last = [...document.querySelectorAll("#gallery img")].pop().src;
-      const blob = await (await fetch(last || url)).blob();
+      const oldest = [...document.querySelectorAll("#gallery img")].pop().src;  // the lighthouse
+      const blob = await (await fetch(oldest)).blob();
       const transfer = new DataTransfer();
       transfer.items.add(new File([blob], "dropped.png", { type: "image/png" }));
       document.querySelector("#results").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
@@ -95,8 +94,11 @@ try {
     if (!(white > 0.02 && white < 0.9)) throw new Error(`painted mask covers ${white} of the image`);
     await shot("webui-mask.png");
     await page.fill("#steps", "4");
+    await page.evaluate(() => { document.querySelector("#progress-text").textContent = ""; });
     await page.click("#generate");
-    await page.waitForFunction(() => !document.querySelector("#generate").disabled && document.querySelector("#progress-text").textContent !== "starting", null, { timeout: 60000 });
+    await page.waitForFunction(() => /^(done|failed|interrupted)/.test(document.querySelector("#progress-text").textContent), null, { timeout: 60000 });
+    await page.waitForSelector("#results img");
+    await shot("webui-inpainted.png");
     const text = await page.textContent("#progress-text");
     const expected = process.env.SDGEN_IMG2IMG === "1" ? /^done/ : /^(done|failed)/;
     if (!expected.test(text)) throw new Error(`img2img ended as ${text}`);
