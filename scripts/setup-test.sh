@@ -6,3 +6,16 @@ set -euo pipefail
 BIN=${1:-.venv/bin}
 "$BIN/pip" install --quiet -e '.[server,test]'
 "$BIN/pip" install --quiet --no-deps k-diffusion==0.1.1.post1 clip-anytorch==2.6.0
+
+# Browser tests of the web UI: Debian's chromium (never a downloaded browser build) and
+# playwright-core, pinned by tests/browser/package-lock.json.
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "setup-test: not root, chromium not installed; the browser tests will be skipped" >&2
+    fi
+fi
+if command -v npm >/dev/null && [ ! -d tests/browser/node_modules/playwright-core ]; then
+    npm ci --prefix tests/browser --no-audit --no-fund --silent
+fi
