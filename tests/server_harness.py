@@ -7,7 +7,9 @@ otherwise a tiny random-weight SD 1.x folder built once per test process with
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,6 +34,7 @@ def model_folder() -> str | None:
     from reference_pipelines import make_reference_pipeline, save_folder
 
     workdir = Path(tempfile.mkdtemp(prefix="sdgen-server-model-"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     save_folder(make_reference_pipeline("sd1", workdir), workdir / "tiny-sd1")
     return str(workdir / "tiny-sd1")
 
