@@ -16,7 +16,6 @@ from sdgen.diffusion.registry import list_samplers, list_schedulers
 from sdgen.pipelines.infotext import parse_infotext
 from sdgen.pipelines.request import RequestError
 from sdgen.server import jobs, schemas
-from sdgen.server.previews import png_bytes
 
 if TYPE_CHECKING:
     from sdgen.server.app import Server
@@ -86,8 +85,8 @@ def router(server: "Server") -> APIRouter:
                                             textinfo=snapshot.textinfo)
         current = None
         if not skip_current_image:
-            preview = server.worker.preview()
-            current = base64.b64encode(png_bytes(preview)).decode() if preview is not None else None
+            preview = server.worker.preview_png()
+            current = base64.b64encode(preview).decode() if preview is not None else None
         return schemas.ProgressResponse(progress=snapshot.fraction(), eta_relative=snapshot.eta(),
                                         state=snapshot.state(), current_image=current, textinfo=snapshot.textinfo)
 

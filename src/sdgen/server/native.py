@@ -17,7 +17,6 @@ from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from sdgen.server import jobs, schemas
-from sdgen.server.previews import png_bytes
 from sdgen.server.store import FINAL, Job
 
 if TYPE_CHECKING:
@@ -105,9 +104,9 @@ def router(server: "Server") -> APIRouter:
                 data = progress_of(job)
                 if data.get("preview_step", -1) != last_preview:
                     last_preview = data["preview_step"]
-                    preview = server.worker.preview()
+                    preview = server.worker.preview_png()
                     if preview is not None:
-                        data["preview"] = "data:image/png;base64," + base64.b64encode(png_bytes(preview)).decode()
+                        data["preview"] = "data:image/png;base64," + base64.b64encode(preview).decode()
                 if data != last:
                     last, last_sent = data, time.monotonic()
                     yield f"event: progress\ndata: {json.dumps(data)}\n\n"
@@ -135,10 +134,10 @@ def router(server: "Server") -> APIRouter:
     @api.get("/preview")
     def preview() -> Response:
         """The running job's latest cheap preview as a PNG (204 when there is none)."""
-        image = server.worker.preview()
-        if image is None:
+        preview = server.worker.preview_png()
+        if preview is None:
             return Response(status_code=204)
-        return Response(png_bytes(image), media_type="image/png", headers={"Cache-Control": "no-store"})
+        return Response(preview, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @api.get("/health")
     def health() -> dict:

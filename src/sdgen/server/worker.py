@@ -23,7 +23,7 @@ from sdgen.diffusion.samplers import Interrupted
 from sdgen.errors import UserError
 from sdgen.pipelines.request import GenerationRequest, Img2ImgRequest
 from sdgen.server.catalog import Catalog, CheckpointEntry
-from sdgen.server.previews import fit_preview_map, preview_image
+from sdgen.server.previews import fit_preview_map, png_bytes, preview_image
 from sdgen.server.store import Job, Store
 
 
@@ -86,6 +86,7 @@ class Worker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._done: dict[str, threading.Event] = {}
+        self._preview_cache: tuple[tuple[str, int] | None, bytes | None] = (None, None)
         self._thread = threading.Thread(target=self._run, name="sdgen-worker", daemon=True)
 
     # Control from the HTTP threads -----------------------------------------------------------
@@ -123,13 +124,22 @@ class Worker:
         with self._lock:
             return self._done.setdefault(job_id, threading.Event())
 
-    def preview(self) -> Image.Image | None:
-        """The latest live preview of the running job (None before its first)."""
+    def preview_png(self) -> bytes | None:
+        """The latest live preview of the running job as PNG bytes (None before its first).
+
+        Encoded once per new preview: clients polling progress many times a second reuse it.
+        """
         with self._lock:
             latents, weights = self.progress.preview_latents, self.preview_map
+            key = (self.progress.job, self.progress.preview_step)
+            if self._preview_cache[0] == key:
+                return self._preview_cache[1]
         if latents is None or weights is None:
             return None
-        return preview_image(latents, weights)
+        data = png_bytes(preview_image(latents, weights))
+        with self._lock:
+            self._preview_cache = (key, data)
+        return data
 
     @property
     def native_size(self) -> int | None:
