@@ -53,7 +53,8 @@ def test_txt2img_a1111_response(client):
     assert info["all_seeds"] == [42, 43, 44, 45] and info["seed"] == 42
     assert len(body["images"]) == 4 and len(info["infotexts"]) == 4
     image = decode(body["images"][1])
-    assert image.format == "PNG" and image.size == (64, 64)  # no width/height: the model's native size
+    native = client.get("/api/v1/health").json()["native_size"]
+    assert image.format == "PNG" and image.size == (native, native)  # no width/height: the model's native size
     assert image.info["parameters"] == info["infotexts"][1]
     assert "Seed: 43" in image.info["parameters"] and "Steps: 3" in image.info["parameters"]
     assert body["parameters"]["prompt"] == "a red barn" and body["parameters"]["seed"] == 42
@@ -118,7 +119,7 @@ def test_bad_values_are_422_and_nothing_is_queued(client, body, words):
 
 
 def test_hires_fix_second_pass(client):
-    body = {"prompt": "hires", "steps": 2, "seed": 8, "enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5,
+    body = {"prompt": "hires", "steps": 2, "seed": 8, "width": 64, "height": 64, "enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.5,
             "hr_upscaler": "Latent"}
     response = client.post("/sdapi/v1/txt2img", json=body).json()
     info = json.loads(response["info"])
