@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 
 import sdgen
 from sdgen.errors import UserError
+from sdgen.pipelines.request import RequestError, check_int_range
 from sdgen.server import a1111, native
 from sdgen.server.catalog import Catalog
 from sdgen.server.config import ServerConfig
@@ -77,8 +78,6 @@ class Server:
 
     def set_options(self, options: dict[str, Any]) -> None:
         """Validate then store; settings live in memory only and none of them touches security."""
-        from sdgen.pipelines.request import RequestError, check_int_range
-
         if "sd_model_checkpoint" in options:
             name = options["sd_model_checkpoint"]
             if not isinstance(name, str) or self.catalog.find(name) is None:
@@ -90,8 +89,8 @@ class Server:
         self.options.update(options)
 
 
-def create_app(config: ServerConfig, server: Server | None = None) -> FastAPI:
-    """The ASGI app: A1111 routes, native routes, the web UI, behind the Guard middleware."""
+def create_app(config: ServerConfig, server: Server | None = None) -> Guard:
+    """The ASGI app: A1111 routes, native routes and the web UI (a FastAPI app) behind the Guard middleware."""
     server = server or Server(config)
 
     @asynccontextmanager
@@ -123,7 +122,6 @@ def create_app(config: ServerConfig, server: Server | None = None) -> FastAPI:
 
     guarded = Guard(app, credentials=config.credentials(), allowed_hosts=config.allowed_hosts,
                     any_host=config.listens_publicly, max_body_bytes=config.max_body_bytes)
-    guarded.fastapi = app  # tests reach the FastAPI object through the wrapper
     return guarded
 
 
