@@ -77,6 +77,11 @@ class SamplingJob:
     scheduler: str | None = None
 
 
+def expand_rows(conditioning: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """Batch-1 conditioning tensors repeated (as views) for `count` images."""
+    return {key: value.expand(count, *value.shape[1:]) for key, value in conditioning.items()}
+
+
 def _rows(tensor: torch.Tensor | None, start: int, count: int) -> torch.Tensor | None:
     """The rows of a per-image tensor for one batch; a single row serves every image."""
     if tensor is None:
@@ -191,6 +196,15 @@ class StableDiffusion:
         small = torch.nn.functional.interpolate(mask, size=latents.shape[-2:])  # nearest
         return torch.cat([small.expand(latents.shape[0], -1, -1, -1).to(latents), latents], dim=1)
 
+    def prompt_conditioning(self, request: GenerationRequest, width: int, height: int
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """The U-Net's keyword conditioning (batch 1) for the prompt and, unless cfg_scale is 1, the negative
+        prompt, for a pass at width x height (SDXL's size conditioning depends on it; see sdxl.py)."""
+        cond = self.encode_prompt(request.prompt, request.clip_skip)
+        if request.cfg_scale == 1.0:
+            return {"context": cond}, None
+        return {"context": cond}, {"context": self.encode_prompt(request.negative_prompt, request.clip_skip)}
+
     def _model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                   image_cond: torch.Tensor | None = None) -> torch.Tensor:
         if image_cond is not None:
@@ -215,8 +229,8 @@ class StableDiffusion:
                 lambda n: sigmas_for(spec, schedule_name, self.schedule, n, model_family=self.family),
                 job.steps, job.strength)
         start_from_image = job.strength is not None and job.strength < 1.0
-        cond = self.encode_prompt(request.prompt, request.clip_skip)
-        uncond = self.encode_prompt(request.negative_prompt, request.clip_skip) if request.cfg_scale != 1.0 else None
+        factor = self.latent_factor
+        cond, uncond = self.prompt_conditioning(request, job.shape[2] * factor, job.shape[1] * factor)
         denoiser = make_denoiser(self._model_fn, self.schedule, lcm=spec.lcm)
         seeds, subseeds = request.image_seeds()
         show = progress and sys.stderr.isatty()
@@ -229,9 +243,8 @@ class StableDiffusion:
                 batches.append(init.clone())  # nothing to denoise: the input as encoded
                 continue
             extra = {} if job.image_cond is None else {"image_cond": _rows(job.image_cond, start, count)}
-            guided = cfg_denoiser(
-                denoiser, {"context": cond.expand(count, -1, -1), **extra},
-                None if uncond is None else {"context": uncond.expand(count, -1, -1), **extra}, request.cfg_scale)
+            guided = cfg_denoiser(denoiser, {**expand_rows(cond, count), **extra},
+                                  None if uncond is None else {**expand_rows(uncond, count), **extra}, request.cfg_scale)
             if job.keep is not None:
                 guided = masked_denoiser(guided, init, job.keep.to(init))
             noise = ImageNoise(seeds[start:start + count], job.shape, subseeds=subseeds[start:start + count],
