@@ -74,9 +74,9 @@ def test_hostile_prompts_parse_in_bounded_time():
 def test_linear_time_weights_agree_with_the_exact_order():
     # Past EXACT_WORK weight updates the log-space path is used; both agree up to rounding.
     count = int(EXACT_WORK ** 0.5) + 100
-    text = "".join(f"(a{i}" + ("[" if i % 3 == 0 else "") for i in range(count))
-    fast = parse_prompt_attention(text)
-    exact = parse_prompt_attention("".join(f"(a{i}" + ("[" if i % 3 == 0 else "") for i in range(400)))
+    fast = parse_prompt_attention("".join(f"(a{i} " for i in range(count)) + "(z:-0.5)")
+    exact = parse_prompt_attention("".join(f"(a{i} " for i in range(400)))
+    assert len(fast) == count + 1 and fast[-1][1] == pytest.approx(-0.5 * 1.1 ** count, rel=1e-9)
     for (piece, weight), (exact_piece, exact_weight) in zip(fast[:400], exact):
         assert piece == exact_piece
         assert weight == pytest.approx(exact_weight, rel=1e-9)
