@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+from sdgen.runtime.files import write_atomically
 
 
 def png_with_parameters(image: Image.Image, infotext: str | None) -> PngImagePlugin.PngInfo:
@@ -18,19 +19,8 @@ def png_with_parameters(image: Image.Image, infotext: str | None) -> PngImagePlu
 
 def save_png_atomic(image: Image.Image, path: str | os.PathLike, infotext: str | None = None) -> Path:
     """Write `image` to `path` so that no reader ever sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=png_with_parameters(image, infotext))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    pnginfo = png_with_parameters(image, infotext)
+    return write_atomically(path, lambda handle: image.save(handle, format="PNG", pnginfo=pnginfo))
 
 
 def next_free_index(folder: Path) -> int:
