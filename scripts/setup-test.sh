@@ -4,8 +4,11 @@
 # so pip never swaps the CPU torch build), and the browser for UI tests.
 set -euo pipefail
 BIN=${1:-.venv/bin}
-"$BIN/pip" install --quiet -e '.[server,test]'
+"$BIN/pip" install --quiet -e '.[server,test,watermark]'
 "$BIN/pip" install --quiet --no-deps k-diffusion==0.1.1.post1 clip-anytorch==2.6.0
+# The invisible watermark without its opencv-python (GUI) requirement: the watermark extra
+# above brings opencv-python-headless and PyWavelets instead.
+"$BIN/pip" install --quiet --no-deps invisible-watermark==0.2.0
 
 # Browser tests of the web UI: Debian's chromium (never a downloaded browser build) and
 # playwright-core, pinned by tests/browser/package-lock.json.

@@ -33,6 +33,13 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="images per U-Net call (never changes an image)")
     parser.add_argument("--clip-skip", type=int, default=1, help="use the output of an earlier text-encoder layer")
     parser.add_argument("--out", default="outputs", help="output folder")
+    provenance = parser.add_argument_group("safety and provenance")
+    provenance.add_argument("--no-safety-checker", action="store_true",
+                            help="do not screen images with the model folder's safety checker (prints a warning)")
+    provenance.add_argument("--no-watermark", action="store_true",
+                            help="do not embed the invisible watermark in images of 256 px or more")
+    provenance.add_argument("--strip-metadata", action="store_true",
+                            help="write no generation parameters (infotext) into the image files")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,11 +98,16 @@ def run_generate(args: argparse.Namespace) -> int:
         height=args.height, n=args.n, batch_size=args.batch_size, clip_skip=args.clip_skip,
     )
     request.validate()
+    if args.no_safety_checker:
+        print("sdgen: warning: the safety checker is off; images are not screened for NSFW content", file=sys.stderr)
     pipeline = sdgen.load(args.model, vae=args.vae, config=args.config, prediction=args.prediction,
-                          device=args.device, dtype=args.dtype)
+                          device=args.device, dtype=args.dtype, safety_checker=not args.no_safety_checker,
+                          watermark=not args.no_watermark)
     result = pipeline.generate(request, progress=True)
-    for path in result.save(Path(args.out)):
+    for index, path in enumerate(result.save(Path(args.out), metadata=not args.strip_metadata)):
         print(path)
+        if result.nsfw and result.nsfw[index]:
+            print(f"sdgen: {path.name} was flagged by the safety checker and blacked out", file=sys.stderr)
     return 0
 
 
@@ -113,10 +125,13 @@ def run_samplers(_: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from sdgen.pipelines.images import read_image_parameters
+    from sdgen.pipelines.images import read_image, read_image_parameters
+    from sdgen.provenance import describe_watermark
 
     text = read_image_parameters(args.image)
     print(text if text is not None else f"{args.image}: no generation parameters stored")
+    with read_image(args.image) as image:
+        print(f"Invisible watermark: {describe_watermark(image)}")
     return 0
 
 

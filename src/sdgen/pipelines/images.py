@@ -31,6 +31,17 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     return image
 
 
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """Open and decode an image (see `open_image`); a truncated or corrupt file is a UserError, not a traceback."""
+    image = open_image(path)
+    try:
+        image.load()  # also parses text chunks after the pixel data, under Pillow's size limits
+    except (OSError, SyntaxError, ValueError) as error:
+        image.close()
+        raise UserError(f"{path}: the image data is damaged or truncated ({error})") from None
+    return image
+
+
 def read_image_parameters(path: str | os.PathLike) -> str | None:
     """The infotext stored in an image (PNG `parameters` chunk), or None."""
     with open_image(path) as image:

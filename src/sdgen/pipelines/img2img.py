@@ -28,6 +28,7 @@ from sdgen.pipelines.masks import (
     overlay_mask, paste_back, pixel_mask, resize_image, round_up,
 )
 from sdgen.pipelines.request import Img2ImgRequest, RequestError
+from sdgen.provenance import preflight
 
 
 def pixels_from_pil(images: list[Image.Image]) -> torch.Tensor:
@@ -91,6 +92,7 @@ def run_img2img(pipe, request: Img2ImgRequest, *, progress: bool = False, callba
     request.validate()
     width, height = request.resolved_size()
     request = replace(request, width=width, height=height).with_seed()
+    preflight(pipe, request)  # memory estimate, watermark package: refused before anything is allocated
     prepared = prepare_input(request, width, height)
     pixels = pixels_from_pil([prepared.image]).to(pipe.device)
     init = pipe.encode(pixels)

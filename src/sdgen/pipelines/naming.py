@@ -31,6 +31,10 @@ _RESERVED = re.compile(r"^(con|prn|aux|nul|com\d|lpt\d)(\..*)?$", re.IGNORECASE)
 MAX_FIELD, MAX_NAME, PROMPT_WORDS = 128, 200, 8
 
 
+class OutputError(UserError):
+    """An image could not be written (disk full, read-only folder); no partial file is left."""
+
+
 class FilenamePatternError(UserError, ValueError):
     """A filename pattern naming a field we do not know."""
 
@@ -104,8 +108,10 @@ def free_path(folder: Path, stem: str, suffix: str) -> Path:
 
 def save_images(images: Sequence[Image.Image], infotexts: Sequence[str], folder: Path, *,
                 pattern: str | None = None, image_format: str = "png", request=None,
-                seeds: Sequence[int] = ()) -> list[Path]:
-    """Save each image with its infotext; `NNNNN-SEED` names by default, else `pattern` (see FIELDS)."""
+                seeds: Sequence[int] = (), metadata: bool = True) -> list[Path]:
+    """Save each image with its infotext; `NNNNN-SEED` names by default, else `pattern` (see FIELDS).
+
+    `metadata=False` writes no infotext (`--strip-metadata`); names still use the parameters."""
     fmt = pil_format(image_format)
     if pattern is not None:
         check_pattern(pattern)
@@ -118,8 +124,14 @@ def save_images(images: Sequence[Image.Image], infotexts: Sequence[str], folder:
             stem = f"{start + i:05d}-{seed}"
         else:
             stem = format_name(pattern, pattern_fields(infotext, i, start + i))
-        folder.mkdir(parents=True, exist_ok=True)
-        paths.append(save_image_atomic(image, free_path(folder, stem, EXTENSIONS[fmt]), infotext, fmt))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = free_path(folder, stem, EXTENSIONS[fmt])
+            paths.append(save_image_atomic(image, path, infotext if metadata else None, fmt))
+        except OSError as error:  # disk full, read-only or missing folder: the reason, not a traceback
+            saved = f" ({len(paths)} image(s) saved before it)" if paths else ""
+            raise OutputError(f"cannot write images to {folder}: {error.strerror or error}{saved}; "
+                              "free some space or choose another output folder") from None
     return paths
 
 

@@ -29,6 +29,7 @@ from sdgen.pipelines.images import to_pil
 from sdgen.pipelines.infotext import format_infotext
 from sdgen.pipelines.request import GenerationRequest, Img2ImgRequest, RequestError
 from sdgen.pipelines.tiling import tiled_apply
+from sdgen.provenance import finish_images, preflight
 
 # callback(image_index, step, total_steps, denoised_latents); raise Interrupted to stop.
 StepCallback = Callable[[int, int, int, torch.Tensor], None]
@@ -49,17 +50,22 @@ class GenerationResult:
     latents: torch.Tensor | None = None
     paths: list[Path] = field(default_factory=list)
     subseeds: list[int] = field(default_factory=list)
+    nsfw: list[bool] = field(default_factory=list)  # per image: flagged by the safety checker (blacked out)
+    watermarked: list[bool] = field(default_factory=list)  # per image: carries the invisible watermark
 
-    def save(self, folder: Path, pattern: str | None = None, image_format: str = "png") -> list[Path]:
+    def save(self, folder: Path, pattern: str | None = None, image_format: str = "png",
+             metadata: bool = True) -> list[Path]:
         """Write the images atomically with their infotext: `NNNNN-SEED.png` (A1111's naming) or `pattern`.
 
         `pattern` takes fields such as `{seed}-{prompt_words}` (see naming.py); `image_format` is
-        png, jpeg or webp (the infotext goes to EXIF UserComment for the latter two).
+        png, jpeg or webp (the infotext goes to EXIF UserComment for the latter two);
+        `metadata=False` writes no infotext at all.
         """
         from sdgen.pipelines.naming import save_images
 
         self.paths = save_images(self.images, self.infotexts, Path(folder), pattern=pattern,
-                                 image_format=image_format, request=self.request, seeds=self.seeds)
+                                 image_format=image_format, request=self.request, seeds=self.seeds,
+                                 metadata=metadata)
         return self.paths
 
 
@@ -93,6 +99,9 @@ def _rows(tensor: torch.Tensor | None, start: int, count: int) -> torch.Tensor |
 
 class StableDiffusion:
     """U-Net, VAE, text encoder, tokenizer and noise schedule of one SD 1.x / 2.x model."""
+
+    safety_checker = None  # a sdgen.safety.checker.SafetyFilter, set by sdgen.load when the folder has one
+    watermark = True  # invisible watermark on images of 256 px or more (see sdgen.provenance)
 
     def __init__(self, unet, vae, text_encoder, tokenizer, schedule, *, family: str, name: str,
                  hash_fn: Callable[[], str], device: torch.device, dtype: torch.dtype, vae_name: str | None = None):
@@ -166,6 +175,7 @@ class StableDiffusion:
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
         """Latents (in the U-Net's scale) to pixels in [-1, 1], one image at a time, in tiles when large."""
         cfg = self.vae.cfg
+        given = latents
         latents = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
         vae_dtype = next(self.vae.parameters()).dtype
 
@@ -181,7 +191,12 @@ class StableDiffusion:
                 rows.append(tiled_apply(decode_tile, image, DECODE_TILE, DECODE_OVERLAP, ratio=self.latent_factor))
             else:
                 rows.append(decode_tile(image))
-        return torch.cat(rows)
+        pixels = torch.cat(rows)
+        if not torch.isfinite(pixels).all():  # never a black image saved as a success
+            from sdgen.runtime.numerics import redecode_in_float32
+
+            pixels = redecode_in_float32(self, given, tiled)
+        return pixels
 
     def inpainting_conditioning(self, pixels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """An inpainting U-Net's extra input (b, 5, h, w): the mask at latent size, then the masked image's latents.
@@ -280,6 +295,7 @@ class StableDiffusion:
         request = replace(request, width=request.width or self.native_size, height=request.height or self.native_size)
         request.validate()
         request = request.with_seed()
+        preflight(self, request)  # memory estimate, watermark package: refused before anything is allocated
         factor = self.latent_factor
         shape = (self.vae.cfg.latent_channels, request.height // factor, request.width // factor)
         job = SamplingJob(shape, request.steps, image_cond=self.txt2img_conditioning(request.width, request.height))
@@ -323,7 +339,10 @@ class StableDiffusion:
             images = to_pil(self.decode(latents))
         seeds, subseeds = request.image_seeds()
         infotexts = [self.infotext(request, seed, subseed, extra) for seed, subseed in zip(seeds, subseeds)]
-        return GenerationResult(images or [], seeds, infotexts, request, latents=latents, subseeds=subseeds)
+        # safety checker, then invisible watermark; each infotext records what was done (sdgen.provenance)
+        done = finish_images(images or [], infotexts, safety=self.safety_checker, watermark=self.watermark)
+        return GenerationResult(done.images, seeds, done.infotexts, request, latents=latents, subseeds=subseeds,
+                                nsfw=done.nsfw, watermarked=done.watermarked)
 
     def infotext(self, request: GenerationRequest, seed: int, subseed: int | None = None,
                  extra: dict | None = None) -> str:
