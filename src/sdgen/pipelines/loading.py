@@ -52,7 +52,9 @@ def load_tokenizer(folder: Path | None, family: str) -> CLIPTokenizer:
 
 def load_pipeline(path: str | Path | None = None, *, vae: str | Path | None = None, config: str | Path | None = None,
                   prediction: str | None = None, device: str = "auto", dtype: str = "fp32"):
-    """Read a checkpoint (or the embedded model) and return a ready `StableDiffusion` pipeline."""
+    """Read a checkpoint (or the embedded model) and return a ready pipeline: `StableDiffusion` for
+    SD 1.x / 2.x, `StableDiffusionXL` for SDXL base and refiner checkpoints."""
+    from sdgen.pipelines.sdxl import StableDiffusionXL
     from sdgen.pipelines.stable_diffusion import StableDiffusion
 
     torch_device = pick_device(device)
@@ -68,14 +70,16 @@ def load_pipeline(path: str | Path | None = None, *, vae: str | Path | None = No
         parts = read_checkpoint(path, prediction=prediction, config_dir=config)
     except ValueError as error:
         raise CheckpointError(path, str(error), "check the options given with the model") from None
-    if parts.family not in ("sd1", "sd2"):
-        raise CheckpointError(path, f"{parts.family} models are not supported yet", "use an SD 1.x or 2.x checkpoint")
     if vae is not None:
         scaling = parts.vae_config["scaling_factor"] if parts.vae_config else None
         parts.vae_config, parts.vae_state = read_vae(vae, scaling_factor=scaling)
     if not parts.vae_state:
         raise CheckpointError(path, "the checkpoint has no VAE weights", "pass --vae PATH")
-    return StableDiffusion.from_parts(parts, device=torch_device, dtype=torch_dtype, vae_source=vae)
+    pipeline = StableDiffusionXL if parts.family in ("sdxl", "sdxl_refiner") else StableDiffusion
+    try:
+        return pipeline.from_parts(parts, device=torch_device, dtype=torch_dtype, vae_source=vae)
+    except ValueError as error:  # configs that do not fit together (e.g. text widths vs the U-Net)
+        raise CheckpointError(path, str(error), "check that the file is a complete checkpoint") from None
 
 
 def build_components(parts: CheckpointParts, device: torch.device, dtype: torch.dtype):
@@ -85,10 +89,34 @@ def build_components(parts: CheckpointParts, device: torch.device, dtype: torch.
     text_config, text_state = parts.text_encoders[0]
     text_cfg = CLIPTextConfig.from_transformers(text_config)
     unet = build_module(parts.source, "U-Net", lambda: UNet(unet_cfg), parts.unet_state, device, dtype)
-    # The VAE decodes in float32 when the model says so (SD's VAE overflows in fp16).
-    vae_dtype = torch.float32 if vae_cfg.force_upcast and dtype == torch.float16 else dtype
-    vae = build_module(parts.source, "VAE", lambda: AutoencoderKL(vae_cfg), parts.vae_state, device, vae_dtype)
+    vae = build_vae(parts, vae_cfg, device, dtype)
     text_encoder = build_module(parts.source, "text encoder", lambda: CLIPTextModel(text_cfg), text_state, device, dtype)
     tokenizer = load_tokenizer(parts.tokenizer_dirs[0], parts.family)
     schedule = DiscreteSchedule.from_diffusers_scheduler_config(parts.scheduler_config)
     return unet, vae, text_encoder, tokenizer, schedule
+
+
+def build_vae(parts: CheckpointParts, vae_cfg: VAEConfig, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
+    """The VAE, in float32 when the model says so and the compute dtype is fp16 (SD's and SDXL's VAEs overflow)."""
+    vae_dtype = torch.float32 if vae_cfg.force_upcast and dtype == torch.float16 else dtype
+    return build_module(parts.source, "VAE", lambda: AutoencoderKL(vae_cfg), parts.vae_state, device, vae_dtype)
+
+
+def build_sdxl_components(parts: CheckpointParts, device: torch.device, dtype: torch.dtype):
+    """(unet, vae, SDXLTextEncoder, schedule) for an SDXL base (CLIP-L + bigG) or refiner (bigG) checkpoint."""
+    from sdgen.checkpoints.ldm_keys import TEXT_ENCODERS
+    from sdgen.pipelines.sdxl_conditioning import SDXLTextEncoder
+
+    unet_cfg = UNetConfig.from_diffusers(parts.unet_config)
+    unet = build_module(parts.source, "U-Net", lambda: UNet(unet_cfg), parts.unet_state, device, dtype)
+    vae = build_vae(parts, VAEConfig.from_diffusers(parts.vae_config), device, dtype)
+    encoders, tokenizers = [], []
+    kinds = [kind for kind, _ in TEXT_ENCODERS[parts.family]]
+    for index, ((config, state), folder) in enumerate(zip(parts.text_encoders, parts.tokenizer_dirs)):
+        cfg = CLIPTextConfig.from_transformers(config)
+        what = f"text encoder {index + 1}"
+        encoders.append(build_module(parts.source, what, lambda cfg=cfg: CLIPTextModel(cfg), state, device, dtype))
+        # OpenCLIP's tokenizer pads with "!" (id 0) after the end token, OpenAI CLIP's with the end token.
+        tokenizers.append(load_tokenizer(folder, "sd2" if kinds[index] == "openclip" else "sd1"))
+    schedule = DiscreteSchedule.from_diffusers_scheduler_config(parts.scheduler_config)
+    return unet, vae, SDXLTextEncoder(encoders, tokenizers), schedule

@@ -1,0 +1,152 @@
+"""SDXL's conditioning (Podell et al. 2023): two text encoders, a pooled text embedding and size ids.
+
+The U-Net's cross-attention context is the penultimate hidden states of every text encoder,
+concatenated along the width (CLIP ViT-L 768 + OpenCLIP ViT-bigG 1280 = 2048 for the base model,
+bigG alone for the refiner). Its "added conditioning" is the last encoder's projected pooled
+output (`text_embeds`) plus the micro-conditioning numbers (`time_ids`), each of which the U-Net
+embeds with its own sinusoid:
+- base:    original height, width, crop top, left, target height, width (6 numbers);
+- refiner: original height, width, crop top, left, aesthetic score (5 numbers).
+AUTOMATIC1111 1.10 (`sd_models_xl.get_learned_conditioning`) passes the generation size as both
+original and target size, crop (0, 0) and aesthetic scores 6 (prompt) / 2.5 (negative prompt);
+diffusers' SDXL pipelines have the same defaults. Prompts are cut at 77 tokens as diffusers does
+(A1111 cuts long prompts into chunks; for prompts of up to 75 tokens the two agree).
+
+An empty negative prompt: A1111 1.10 zeroes its embeddings (`force_zero_embeddings` when every
+negative prompt of the batch is ""), and so do diffusers' SDXL pipelines when no negative prompt
+is given (`force_zeros_for_empty_prompt`); `zero_negative=False` encodes the empty string instead,
+as diffusers does when it is passed `negative_prompt=""`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from sdgen.models.clip import CLIPTextModel
+from sdgen.models.tokenizer import CLIPTokenizer
+from sdgen.pipelines.request import RequestError
+
+BASE_IDS, REFINER_IDS = 6, 5  # time ids of the base U-Net and of the refiner's
+
+
+@dataclass(frozen=True)
+class SDXLOptions:
+    """SDXL micro-conditioning and the empty-negative-prompt policy; sizes are (width, height), None = the generation's."""
+
+    original_size: tuple[int, int] | None = None
+    crop: tuple[int, int] = (0, 0)  # (top, left) of the crop the model is told the image was cut from
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0  # refiner only: the score the prompt is conditioned on
+    negative_aesthetic_score: float = 2.5  # refiner only: the score of the negative prompt
+    zero_negative: bool = True  # an empty negative prompt gives zero embeddings (A1111 1.10, diffusers)
+
+    def validate(self) -> None:
+        """RequestError naming the first bad field."""
+        for name in ("original_size", "target_size"):
+            size = getattr(self, name)
+            if size is not None and not _positive_pair(size):
+                raise RequestError(f"{name} must be (width, height) in pixels, two positive integers, got {size!r}")
+        if not _pair(self.crop) or min(self.crop) < 0:
+            raise RequestError(f"crop must be (top, left), two non-negative integers, got {self.crop!r}")
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RequestError(f"{name} must be a finite number (the refiner was trained on 0 to 10), got {value!r}")
+        if not isinstance(self.zero_negative, bool):
+            raise RequestError(f"zero_negative must be true or false, got {self.zero_negative!r}")
+
+    def with_fields(self, **changes) -> "SDXLOptions":
+        """A copy with `changes` applied (None values ignored, lists taken as tuples), validated."""
+        changes = {key: tuple(value) if isinstance(value, list) else value
+                   for key, value in changes.items() if value is not None}
+        options = replace(self, **changes)
+        options.validate()
+        return options
+
+    def parameters(self) -> dict[str, object]:
+        """Infotext keys for the settings that differ from the defaults (A1111 keeps them as settings)."""
+        default, out = SDXLOptions(), {}
+        names = {"original_size": "SDXL original size", "crop": "SDXL crop", "target_size": "SDXL target size",
+                 "aesthetic_score": "Aesthetic score", "negative_aesthetic_score": "Negative aesthetic score"}
+        for name, key in names.items():
+            value = getattr(self, name)
+            if value != getattr(default, name):
+                out[key] = f"{value[0]}x{value[1]}" if name.endswith("size") else (
+                    f"{value[0]},{value[1]}" if name == "crop" else value)
+        if not self.zero_negative:
+            out["SDXL empty negative"] = "encoded"
+        return out
+
+
+OPTION_NAMES = tuple(f.name for f in fields(SDXLOptions))
+
+
+def _pair(value: object) -> bool:
+    return (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+
+
+def _positive_pair(value: object) -> bool:
+    return _pair(value) and min(value) > 0
+
+
+def time_ids(options: SDXLOptions, width: int, height: int, count: int, *, negative: bool) -> torch.Tensor:
+    """(1, count) micro-conditioning numbers in the U-Net's order (heights before widths)."""
+    original_w, original_h = options.original_size or (width, height)
+    target_w, target_h = options.target_size or (width, height)
+    top, left = options.crop
+    if count == BASE_IDS:
+        values = [original_h, original_w, top, left, target_h, target_w]
+    elif count == REFINER_IDS:
+        score = options.negative_aesthetic_score if negative else options.aesthetic_score
+        values = [original_h, original_w, top, left, score]
+    else:
+        raise ValueError(f"the U-Net takes {count} size ids; SDXL base takes {BASE_IDS}, the refiner {REFINER_IDS}")
+    return torch.tensor([values], dtype=torch.float32)
+
+
+class SDXLTextEncoder:
+    """The text side of an SDXL model: one tokenizer per encoder, penultimate states concatenated,
+    pooled projection of the last encoder."""
+
+    def __init__(self, encoders: Sequence[CLIPTextModel], tokenizers: Sequence[CLIPTokenizer]) -> None:
+        if not encoders or len(encoders) != len(tokenizers):
+            raise ValueError("SDXL needs one tokenizer per text encoder")
+        if encoders[-1].text_projection is None:
+            raise ValueError("SDXL's last text encoder needs a text projection (its pooled embedding)")
+        self.encoders, self.tokenizers = list(encoders), list(tokenizers)
+
+    @property
+    def width(self) -> int:
+        """Width of the context (the U-Net's cross_attention_dim)."""
+        return sum(encoder.config.hidden_size for encoder in self.encoders)
+
+    @property
+    def pooled_width(self) -> int:
+        return self.encoders[-1].config.projection_dim
+
+    def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (1, 77, width), pooled text_embeds (1, projection_dim)) of one prompt."""
+        states, pooled = [], None
+        with torch.inference_mode():
+            for encoder, tokenizer in zip(self.encoders, self.tokenizers):
+                ids = tokenizer([text]).to(encoder.text_model.embeddings.token_embedding.weight.device)
+                out = encoder(ids)
+                states.append(out.penultimate)
+                pooled = out.text_embeds
+        return torch.cat(states, dim=-1), pooled
+
+    def encode_pair(self, prompt: str, negative_prompt: str | None, zero_negative: bool
+                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+        """Encodings of the prompt and (None: no guidance) the negative prompt; an empty negative
+        prompt gives zeros when `zero_negative` is set."""
+        cond = self.encode(prompt)
+        if negative_prompt is None:
+            return cond, None
+        if negative_prompt == "" and zero_negative:
+            return cond, (torch.zeros_like(cond[0]), torch.zeros_like(cond[1]))
+        return cond, self.encode(negative_prompt)
