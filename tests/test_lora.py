@@ -15,6 +15,7 @@ Tolerances: merged weights within 1e-6 of the expected update; U-Net outputs wit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -131,6 +132,7 @@ def test_kohya_lora_merges_the_expected_update_and_restores_bit_exactly(models, 
     save_file(state, tmp_path / "detail.safetensors")
     lora = read_lora(tmp_path / "detail.safetensors")
     assert lora.name == "detail" and len(lora.modules) == len(KOHYA_UNET) + len(KOHYA_TEXT)
+    assert lora.shorthash == hashlib.sha256((tmp_path / "detail.safetensors").read_bytes()).hexdigest()[:12]
 
     parameters = {**{f"unet.{n}": p for n, p in ours.named_parameters()},
                   **{f"te.{n}": p for n, p in text_encoder.named_parameters()}}

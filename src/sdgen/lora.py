@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from sdgen.checkpoints.errors import CheckpointError
-from sdgen.checkpoints.formats import load_state_dict
+from sdgen.checkpoints.formats import file_sha256, load_state_dict
 from sdgen.checkpoints.ldm_keys import unet_key_map
 from sdgen.errors import UserError
 
@@ -95,6 +95,11 @@ class LoraFile:
     path: Path | None = None
     unsupported: list[str] = field(default_factory=list)
     use_rslora: bool = False
+
+    @property
+    def shorthash(self) -> str | None:
+        """First 12 hex digits of the file's sha256, as webui's "Lora hashes" infotext shows."""
+        return file_sha256(self.path)[:12] if self.path is not None else None
 
 
 def _alpha_from_metadata(metadata: dict[str, str], key: str) -> tuple[float | None, bool]:

@@ -1,6 +1,8 @@
 """AUTOMATIC1111's prompt language: emphasis, BREAK, prompt editing and alternation, extra-network
 tags, long-prompt encoding with per-token weights, and textual-inversion embeddings."""
 
+from sdgen.prompting.embeddings import Embedding, EmbeddingError, EmbeddingLibrary
+from sdgen.prompting.encode import PromptEncoder, pad_to_same_length
 from sdgen.prompting.parse import (
     LoraReference,
     extract_extra_networks,
@@ -12,6 +14,11 @@ from sdgen.prompting.parse import (
 from sdgen.prompting.schedule import prompt_at_step, prompt_schedule
 
 __all__ = [
+    "Embedding",
+    "EmbeddingError",
+    "EmbeddingLibrary",
+    "PromptEncoder",
+    "pad_to_same_length",
     "LoraReference",
     "extract_extra_networks",
     "extract_loras",
