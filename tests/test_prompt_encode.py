@@ -25,10 +25,10 @@ START, END = 49406, 49407
 
 
 @functools.lru_cache(maxsize=2)
-def tiny_text_models(activation: str = "quick_gelu") -> tuple[torch.nn.Module, CLIPTextModel]:
+def tiny_text_models(projection: bool = False) -> tuple[torch.nn.Module, CLIPTextModel]:
     """A transformers CLIPTextModel with the CLIP vocabulary and 32 channels, and ours with its weights."""
-    config = ref.text_config(vocab_size=VOCAB, eos_token_id=END, hidden_act=activation)
-    reference = ref.text_model(config, projection=False, seed=3)
+    config = ref.text_config(vocab_size=VOCAB, eos_token_id=END, hidden_act="gelu" if projection else "quick_gelu")
+    reference = ref.text_model(config, projection=projection, seed=3)
     ours = CLIPTextModel(CLIPTextConfig.from_transformers(ref.config_json(reference))).eval()
     ours.load_state_dict(ref.published_state_dict(reference), strict=True)
     return reference, ours
@@ -169,7 +169,25 @@ def test_batch_shares_chunk_count_and_mean_restore_as_webui():
     assert_close(batch[:, 77:], second)
 
 
+def test_sdxl_layer_and_pooled_embedding():
+    reference, model = tiny_text_models(projection=True)
+    sdxl = PromptEncoder(tokenizer("!"), model, layer="penultimate")
+    text = "a red circle"
+    ids = tokenizer("!")([text])
+    with torch.no_grad():
+        out = model(ids)
+        expected = reference(ids, output_hidden_states=True)
+    assert torch.equal(sdxl.encode(text), out.penultimate)
+    assert_close(sdxl.encode(text), expected.hidden_states[-2])
+    assert_close(sdxl.encode_pooled(text), expected.text_embeds)
+    # Weights change the context, not the pooled embedding.
+    assert torch.equal(sdxl.encode_pooled("a (red:1.4) circle"), sdxl.encode_pooled(text))
+    assert sdxl.encode("a (red:1.4) circle").shape == (1, 77, 32)
+
+
 def test_bad_options_are_rejected():
+    with pytest.raises(ValueError, match="layer"):
+        encoder(layer="last")
     with pytest.raises(ValueError, match="comma_padding_backtrack"):
         encoder(comma_padding_backtrack=-1)
     with pytest.raises(ValueError, match="no texts"):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdgen.models.clip import CLIPTextModel
+from sdgen.models.clip import CLIPTextModel, TextEncoderOutput
 from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.prompting.embeddings import Embedding, EmbeddingLibrary
 from sdgen.prompting.parse import BREAK, BREAK_WEIGHT, parse_prompt_attention
@@ -48,18 +48,22 @@ class PromptEncoder:
 
     embeddings: textual inversions to recognise by name; embedding_key picks the vectors of SDXL
     embeddings ("clip_l" for the first encoder, "clip_g" for the second); normalize_mean=False is
-    webui's "No norm" emphasis (weights applied, mean not restored).
+    webui's "No norm" emphasis (weights applied, mean not restored); layer "penultimate" takes the
+    raw second-to-last layer as SDXL does (clip_skip then has no effect), "hidden_states" the
+    final-norm output of layer -clip_skip (SD 1.x / 2.x).
     """
 
     def __init__(self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel,
                  embeddings: EmbeddingLibrary | Sequence[Embedding] | None = None, *,
                  embedding_key: str | None = None, comma_padding_backtrack: int = 20,
-                 normalize_mean: bool = True) -> None:
+                 normalize_mean: bool = True, layer: str = "hidden_states") -> None:
         if type(comma_padding_backtrack) is not int or not 0 <= comma_padding_backtrack <= CHUNK_LENGTH:
             raise ValueError(f"comma_padding_backtrack must be an integer in 0..{CHUNK_LENGTH}, got {comma_padding_backtrack!r}")
         if text_encoder.config.max_positions < CHUNK_LENGTH + 2:
             raise ValueError(f"the text encoder has {text_encoder.config.max_positions} positions; chunks need {CHUNK_LENGTH + 2}")
-        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        if layer not in ("hidden_states", "penultimate"):
+            raise ValueError(f"layer must be 'hidden_states' or 'penultimate', got {layer!r}")
+        self.tokenizer, self.text_encoder, self.layer = tokenizer, text_encoder, layer
         self.embedding_key = embedding_key
         self.comma_padding_backtrack = comma_padding_backtrack
         self.normalize_mean = normalize_mean
@@ -146,8 +150,8 @@ class PromptEncoder:
 
     # Chunks -> hidden states -----------------------------------------------------------------------
 
-    def _encode_chunks(self, chunks: list[PromptChunk], clip_skip: int) -> torch.Tensor:
-        """Hidden states (rows, 77, width) of closed chunks, embedding vectors put in place."""
+    def _encode_chunks(self, chunks: list[PromptChunk], clip_skip: int) -> TextEncoderOutput:
+        """The text encoder's outputs for closed chunks (rows of 77), embedding vectors put in place."""
         device = self.text_encoder.text_model.embeddings.token_embedding.weight.device
         ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)
         if self.tokenizer.pad_id != self.tokenizer.end_id:  # SD 2.x: pad ids after the first end token
@@ -167,7 +171,7 @@ class PromptEncoder:
         token_embedding = self.text_encoder.text_model.embeddings.token_embedding
         handle = token_embedding.register_forward_hook(put_vectors) if fixes else None
         try:
-            return self.text_encoder(ids, clip_skip=clip_skip).hidden_states
+            return self.text_encoder(ids, clip_skip=clip_skip)
         finally:
             if handle is not None:
                 handle.remove()
@@ -200,7 +204,7 @@ class PromptEncoder:
         with torch.inference_mode():
             for i in range(max(len(chunks) for chunks in tokenized)):
                 rows = [chunks[i] if i < len(chunks) else self.empty_chunk() for chunks in tokenized]
-                z = self._encode_chunks(rows, clip_skip)
+                z = getattr(self._encode_chunks(rows, clip_skip), self.layer)
                 weights = torch.tensor([r.weights for r in rows], dtype=torch.float32, device=device)
                 parts.append(self._emphasis(z, weights, count_tensor))
             contexts = torch.cat(parts, dim=1)
@@ -210,6 +214,13 @@ class PromptEncoder:
     def encode(self, text: str, clip_skip: int = 1) -> torch.Tensor:
         """Context (1, 77 * chunks, width) of one prompt (emphasis, BREAK, embeddings applied)."""
         return self.encode_batch([text], clip_skip)
+
+    def encode_pooled(self, text: str, clip_skip: int = 1) -> torch.Tensor:
+        """The pooled embedding of the prompt's first chunk (projected `text_embeds` when the encoder
+        has a projection), as webui passes SDXL's U-Net; emphasis does not touch it."""
+        with torch.inference_mode():
+            out = self._encode_chunks(self.tokenize(text)[0][:1], clip_skip)
+        return out.text_embeds if out.text_embeds is not None else out.pooled
 
     def encode_schedule(self, schedule: Sequence[tuple[int, str]], clip_skip: int = 1) -> list[tuple[int, torch.Tensor]]:
         """[(until_step, context (1, L, width))] for a `prompt_schedule`; pick per step with `prompt_at_step`."""
