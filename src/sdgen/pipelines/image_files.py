@@ -61,10 +61,12 @@ def encode_image(image: Image.Image, fmt: str, infotext: str | None) -> bytes:
     if fmt == "PNG":
         image.save(buffer, format="PNG", pnginfo=png_with_parameters(image, infotext))
     else:
-        exif = Image.Exif()
-        if infotext:
+        options = {}
+        if infotext:  # without one, no EXIF block at all (--strip-metadata)
+            exif = Image.Exif()
             exif.get_ifd(EXIF_IFD)[USER_COMMENT] = user_comment(infotext)
-        image.convert("RGB").save(buffer, format=fmt, quality=QUALITY, exif=exif.tobytes())
+            options["exif"] = exif.tobytes()
+        image.convert("RGB").save(buffer, format=fmt, quality=QUALITY, **options)
     return buffer.getvalue()
 
 
