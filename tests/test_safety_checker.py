@@ -146,3 +146,66 @@ def test_broken_checker_folders_are_refused(checker_folder, tmp_path):
     with pytest.raises(CheckpointError, match="does not match the checker's image size"):
         load_safety_checker(bad)
 
+
+
+# ---------------------------------------------------------------- in the pipeline
+
+
+@pytest.fixture(scope="module")
+def model_with_checker(tmp_path_factory, checker_folder):
+    """A tiny SD 1.x folder carrying the tiny checker; `flag_all(True)` makes every image flagged."""
+    from reference_pipelines import make_reference_pipeline, save_folder
+
+    workdir = tmp_path_factory.mktemp("with-checker")
+    folder = save_folder(make_reference_pipeline("sd1", workdir), workdir / "model")
+    _, reference, processor = checker_folder
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    processor.save_pretrained(folder / "feature_extractor")
+
+    def flag_all(flag: bool) -> None:
+        with torch.no_grad():
+            reference.concept_embeds_weights.fill_(-2.0 if flag else 2.0)  # cosines lie in [-1, 1]
+        reference.save_pretrained(folder / "safety_checker")
+
+    return folder, flag_all
+
+
+PROMPT = "a tranquil lake with the mountains"
+
+
+def test_flagged_images_are_blacked_out_and_reported(model_with_checker, tmp_path, capsys):
+    import sdgen
+    from sdgen.cli import main
+
+    folder, flag_all = model_with_checker
+    flag_all(True)
+    pipe = sdgen.load(folder)
+    assert pipe.safety_checker is not None  # on by default when the folder has one
+    result = pipe.generate(prompt=PROMPT, seed=4, steps=2, width=64, height=64, n=2)
+    assert result.nsfw == [True, True] and result.watermarked == [False, False]
+    assert all(np.asarray(image).max() == 0 for image in result.images)
+    assert all(text.endswith("Safety checker: flagged") for text in result.infotexts)
+    out = tmp_path / "out"
+    args = ["generate", PROMPT, "--model", str(folder), "--seed", "4", "--steps", "2", "--width", "64", "--height", "64"]
+    assert main(args + ["--out", str(out)]) == 0  # a flag is a verdict, not a failure
+    assert "was flagged by the safety checker and blacked out" in capsys.readouterr().err
+
+    assert main(args + ["--out", str(tmp_path / "unscreened"), "--no-safety-checker"]) == 0
+    assert "the safety checker is off" in capsys.readouterr().err
+    (path,) = (tmp_path / "unscreened").glob("*.png")
+    assert np.asarray(Image.open(path)).max() > 0
+
+
+def test_unflagged_images_pass_unchanged(model_with_checker):
+    import sdgen
+
+    folder, flag_all = model_with_checker
+    flag_all(False)
+    screened = sdgen.load(folder).generate(prompt=PROMPT, seed=4, steps=2, width=64, height=64)
+    unscreened = sdgen.load(folder, safety_checker=False).generate(prompt=PROMPT, seed=4, steps=2, width=64, height=64)
+    assert screened.nsfw == [False] and unscreened.nsfw == [False]
+    assert np.array_equal(np.asarray(screened.images[0]), np.asarray(unscreened.images[0]))
+    assert "Safety checker" not in screened.infotexts[0]
