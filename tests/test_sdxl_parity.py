@@ -196,3 +196,53 @@ def test_handoff_test_sees_the_history_restart(models):
     latents = sample(spec, swapped, sigmas, ImageNoise([SEED], (4, SIZE // 8, SIZE // 8)))
     kept = as_array(base.result(request, latents).images[0])
     assert np.abs(kept - as_array(restarted.images[0])).max() > 6 / 255
+
+
+def test_ancestral_handoff_matches_kdiffusion_by_hand(models):
+    """AUTOMATIC1111's path driven by hand: k-diffusion's Euler a over the base's part of the schedule,
+    then over the refiner's, with the image's noise generator carrying on (a first-order sampler has
+    no history, so A1111's model swap and the restart agree)."""
+    from kdiffusion_loader import load_kdiffusion
+
+    k = load_kdiffusion()
+    base, refiner, ours = models
+    steps, switch_at = 6, 0.75  # timesteps 999, 799.2, ..., 199.8, 0: the refiner takes 199.8 and 0
+
+    def guided_reference(pipeline, ids, negative_ids):
+        context, negative_context, pooled, negative_pooled = pipeline.encode_prompt(
+            PROMPT, device="cpu", do_classifier_free_guidance=True, negative_prompt=NEGATIVE)
+
+        class UNetAsCompVis(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.alphas_cumprod = pipeline.scheduler.alphas_cumprod
+
+            def apply_model(self, x, t, cond):
+                return pipeline.unet(x, t, encoder_hidden_states=cond["context"], added_cond_kwargs=cond["added"]).sample
+
+        wrapper = k.external.CompVisDenoiser(UNetAsCompVis(), quantize=False)
+        both = {"context": torch.cat([context, negative_context]),
+                "added": {"text_embeds": torch.cat([pooled, negative_pooled]), "time_ids": torch.tensor([ids, negative_ids])}}
+
+        def guided(x, sigma):
+            c, u = wrapper(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=both).chunk(2)
+            return u + (c - u) * CFG
+
+        return wrapper, guided
+
+    wrapper, base_guided = guided_reference(base, [64.0, 64, 0, 0, 64, 64], [64.0, 64, 0, 0, 64, 64])
+    _, refiner_guided = guided_reference(refiner, [64.0, 64, 0, 0, 6.0], [64.0, 64, 0, 0, 2.5])
+    sigmas = wrapper.get_sigmas(steps)
+    noise = ImageNoise([SEED], (4, SIZE // 8, SIZE // 8))
+    with torch.no_grad():
+        x = k.sampling.sample_euler_ancestral(base_guided, noise.initial() * sigmas[0], sigmas[:5], disable=True,
+                                              noise_sampler=noise.noise_sampler)
+        x = k.sampling.sample_euler_ancestral(refiner_guided, x, sigmas[4:], disable=True,
+                                              noise_sampler=noise.noise_sampler)
+        image = base.vae.decode(x / base.vae.config.scaling_factor).sample
+    theirs = ((image[0].permute(1, 2, 0).clamp(-1, 1) + 1) / 2).double().numpy()
+    result = ours["base", "single"].generate(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=steps,
+                                             sampler="Euler a", cfg_scale=CFG, width=SIZE, height=SIZE,
+                                             refiner=ours["refiner", "folder"], refiner_switch_at=switch_at)
+    worst, mean = assert_close(as_array(result.images[0]), theirs)
+    print(f"SDXL handoff Euler a vs k-diffusion by hand: max {worst:.3f}/255, mean {mean:.4f}/255")

@@ -42,6 +42,27 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
                             help="write no generation parameters (infotext) into the image files")
 
 
+def _add_sdxl_options(parser: argparse.ArgumentParser) -> None:
+    from sdgen.pipelines.sdxl_conditioning import parse_crop, parse_size
+
+    group = parser.add_argument_group("SDXL")
+    group.add_argument("--refiner", default=None, help="SDXL refiner checkpoint: takes over the schedule at --switch-at")
+    group.add_argument("--switch-at", type=float, default=None,
+                       help="fraction of the schedule the base model runs before the refiner (default 0.8)")
+    group.add_argument("--original-size", type=parse_size, default=None, metavar="WxH",
+                       help="micro-conditioning: the size the model is told the image had (default: the output size)")
+    group.add_argument("--crop", type=parse_crop, default=None, metavar="TOP,LEFT",
+                       help="micro-conditioning: crop offset the model is told of (default 0,0)")
+    group.add_argument("--aesthetic-score", type=float, default=None, help="refiner conditioning (default 6.0)")
+    group.add_argument("--zero-negative", action=argparse.BooleanOptionalAction, default=None,
+                       help="an empty negative prompt gives zero embeddings (default, as A1111 1.10 and diffusers); "
+                            "--no-zero-negative encodes the empty string")
+    rank = parser.add_argument_group("ranking")
+    rank.add_argument("--rank", choices=["clip"], default=None, help="score the images against the prompt with CLIP")
+    rank.add_argument("--keep", type=int, default=None, help="with --rank: keep the best N in --out, the rest in --out/rejected")
+    rank.add_argument("--clip-model", default=None, help="CLIP folder (transformers layout; default: the embedded CLIP)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdgen", description="Stable Diffusion on your own machine.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,11 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="text to image")
     _add_generation_options(generate)
     _add_model_options(generate)
+    _add_sdxl_options(generate)
 
     commands.add_parser("samplers", help="list samplers and schedule types")
 
     info = commands.add_parser("info", help="print the generation parameters stored in an image")
     info.add_argument("image")
+
+    rank = commands.add_parser("rank", help="rank the images of a folder by CLIP similarity to a prompt")
+    rank.add_argument("folder")
+    rank.add_argument("prompt")
+    rank.add_argument("--clip-model", default=None, help="CLIP folder (transformers layout; default: the embedded CLIP)")
+    rank.add_argument("--keep", type=int, default=None, help="print only the best N")
 
     train = commands.add_parser("train", help="train the embedded model (resumable)")
     train.add_argument("stage", choices=["autoencoder", "clip", "unet", "export", "all"])
@@ -98,12 +126,34 @@ def run_generate(args: argparse.Namespace) -> int:
         height=args.height, n=args.n, batch_size=args.batch_size, clip_skip=args.clip_skip,
     )
     request.validate()
+    sdxl = {name: value for name, value in (
+        ("refiner_checkpoint", args.refiner), ("refiner_switch_at", args.switch_at), ("original_size", args.original_size),
+        ("crop", args.crop), ("aesthetic_score", args.aesthetic_score), ("zero_negative", args.zero_negative),
+    ) if value is not None}
+    if args.switch_at is not None and args.refiner is None:
+        raise UserError("--switch-at needs --refiner")
+    if args.keep is not None and args.rank is None:
+        raise UserError("--keep needs --rank clip")
+    ranker = None
+    if args.rank:
+        from sdgen.pipelines.ranking import CLIPRanker, check_keep
+
+        check_keep(args.keep)
+        ranker = CLIPRanker.from_folder(args.clip_model)  # before the model loads: a bad path fails fast
     if args.no_safety_checker:
         print("sdgen: warning: the safety checker is off; images are not screened for NSFW content", file=sys.stderr)
     pipeline = sdgen.load(args.model, vae=args.vae, config=args.config, prediction=args.prediction,
                           device=args.device, dtype=args.dtype, safety_checker=not args.no_safety_checker,
                           watermark=not args.no_watermark)
-    result = pipeline.generate(request, progress=True)
+    if sdxl and not pipeline.family.startswith("sdxl"):
+        raise UserError("--refiner, --switch-at, --original-size, --crop, --aesthetic-score and --zero-negative "
+                        f"apply to SDXL models; {pipeline.name} is {pipeline.family}")
+    result = pipeline.generate(request, progress=True, **sdxl)
+    if ranker is not None:
+        from sdgen.pipelines.ranking import rank_result
+
+        print("\n".join(rank_result(result, ranker, Path(args.out), args.keep, metadata=not args.strip_metadata)))
+        return 0
     for index, path in enumerate(result.save(Path(args.out), metadata=not args.strip_metadata)):
         print(path)
         if result.nsfw and result.nsfw[index]:
@@ -151,6 +201,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
 COMMANDS = {"generate": run_generate, "samplers": run_samplers, "info": run_info, "train": run_train,
             "eval": run_eval, "serve": run_serve}
+
+
+def run_rank(args: argparse.Namespace) -> int:
+    from sdgen.pipelines.ranking import CLIPRanker, check_keep, rank_folder
+
+    check_keep(args.keep)
+    print("\n".join(rank_folder(args.folder, args.prompt, CLIPRanker.from_folder(args.clip_model), args.keep)))
+    return 0
+
+
+COMMANDS["rank"] = run_rank
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ from sdgen.pipelines.sdxl_conditioning import (
     BASE_IDS, OPTION_NAMES, REFINER_IDS, SDXLOptions, SDXLTextEncoder, time_ids,
 )
 from sdgen.pipelines.stable_diffusion import GenerationResult, StableDiffusion, StepCallback, expand_rows
+from sdgen.provenance import preflight
 
 DEFAULT_SWITCH_AT = 0.8  # A1111's default "Switch at"
 REFINER_FIELDS = ("refiner_checkpoint", "refiner_switch_at")
@@ -187,27 +188,14 @@ class StableDiffusionXL(StableDiffusion):
             added = {"text_embeds": text_embeds, "time_ids": time_ids}
             return self.unet(x.to(self.dtype), t, context, added).float()
 
-    # The VAE: fp16 / bf16 results with NaN are redone in float32 -----------------------------------
-
-    def _upcast_vae_after_nan(self, what: str) -> bool:
-        if next(self.vae.parameters()).dtype == torch.float32:
-            return False
-        print(f"sdgen: the VAE {what} gave NaN in reduced precision; redoing it in float32 "
-              "(the VAE stays in float32 from now on)", file=sys.stderr)
-        self.vae.float()
-        return True
-
-    def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
-        """Latents to pixels; a result with NaN (fp16 overflow: a black image) is decoded again in float32."""
-        pixels = super().decode(latents, tiled)
-        if not torch.isfinite(pixels).all() and self._upcast_vae_after_nan("decode"):
-            pixels = super().decode(latents, tiled)
-        return pixels
-
     def encode(self, pixels: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
-        """Pixels to latents, redone in float32 if reduced precision gave NaN."""
+        """Pixels to latents; NaN from a reduced-precision VAE (fp16 overflow) is redone in float32, as the
+        core's decode does."""
         latents = super().encode(pixels, tiled)
-        if not torch.isfinite(latents).all() and self._upcast_vae_after_nan("encode"):
+        if not torch.isfinite(latents).all() and next(self.vae.parameters()).dtype != torch.float32:
+            print("sdgen: the VAE gave NaN while encoding; encoding again in float32 (the VAE stays in float32 "
+                  "from now on)", file=sys.stderr)
+            self.vae.float()
             latents = super().encode(pixels, tiled)
         return latents
 
@@ -256,6 +244,7 @@ class StableDiffusionXL(StableDiffusion):
                                    "run the refiner as img2img on the upscaled image instead")
             request = request.with_seed()
             expert = self.refiner_pipeline(refiner)
+            preflight(self, request)
             factor = self.latent_factor
             shape = (self.vae.cfg.latent_channels, request.height // factor, request.width // factor)
             with expert.using(options) if isinstance(expert, StableDiffusionXL) else nullcontext():

@@ -150,3 +150,25 @@ class SDXLTextEncoder:
         if negative_prompt == "" and zero_negative:
             return cond, (torch.zeros_like(cond[0]), torch.zeros_like(cond[1]))
         return cond, self.encode(negative_prompt)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"1024x768" -> (1024, 768) (width, height), for `--original-size`."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"expected WIDTHxHEIGHT such as 1024x1024, got {text!r}") from None
+    if width < 1 or height < 1:
+        raise ValueError(f"width and height must be positive, got {text!r}")
+    return width, height
+
+
+def parse_crop(text: str) -> tuple[int, int]:
+    """"64,0" -> (64, 0) (top, left), for `--crop`."""
+    try:
+        top, left = (int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected TOP,LEFT in pixels such as 0,0, got {text!r}") from None
+    if top < 0 or left < 0:
+        raise ValueError(f"crop offsets must not be negative, got {text!r}")
+    return top, left
