@@ -58,10 +58,8 @@ def test_old_style_preprocessor_config():
         CLIPImagePreprocess.from_config({"resample": 9})
 
 
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
+def save_tiny_clip(workdir):
     """A tiny random transformers CLIPModel with the real CLIP vocabulary, saved as a transformers folder."""
-    workdir = tmp_path_factory.mktemp("clip")
     text = ref.text_config(vocab_size=49408, eos_token_id=49407, bos_token_id=49406)
     model = ref.clip_model(text, ref.vision_config(), seed=3)
     folder = workdir / "tiny-clip"
@@ -70,6 +68,11 @@ def clip_folder(tmp_path_factory):
     processor.save_pretrained(folder)
     tokenizer = reference_tokenizer(workdir / "vocab", "<|endoftext|>")
     return folder, model, processor, tokenizer
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def test_scores_equal_the_reference_logits(clip_folder):
