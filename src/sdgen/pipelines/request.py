@@ -91,7 +91,8 @@ class GenerationRequest:
         check_int_range("clip_skip", self.clip_skip, 1, 12)
         check_float_range("cfg_scale", self.cfg_scale, 0.0, 100.0)
         if self.width is not None or self.height is not None:
-            check_size(self.width, self.height, limits)
+            # a missing side becomes the model's native size later; the given one is checked now
+            check_size(8 if self.width is None else self.width, 8 if self.height is None else self.height, limits)
         from sdgen.diffusion.registry import resolve_sampler
 
         resolve_sampler(self.sampler, self.scheduler)  # unknown names: the error lists the valid ones

@@ -292,7 +292,8 @@ class StableDiffusion:
         from sdgen.pipelines.hires import hires_pass, hires_parameters
 
         request = replace(request or GenerationRequest(), **fields) if fields else (request or GenerationRequest())
-        request = replace(request, width=request.width or self.native_size, height=request.height or self.native_size)
+        request = replace(request, width=self.native_size if request.width is None else request.width,
+                          height=self.native_size if request.height is None else request.height)  # 0 stays 0: refused
         request.validate()
         request = request.with_seed()
         preflight(self, request)  # memory estimate, watermark package: refused before anything is allocated
