@@ -28,7 +28,7 @@ from sdgen.diffusion.registry import img2img_sigmas, resolve_sampler, sample, si
 from sdgen.pipelines.images import to_pil
 from sdgen.pipelines.infotext import format_infotext
 from sdgen.pipelines.request import GenerationRequest, Img2ImgRequest, RequestError
-from sdgen.pipelines.tiling import tiled_apply
+from sdgen.pipelines.tiling import tiled_vae_decode, tiled_vae_encode
 from sdgen.provenance import finish_images, preflight
 
 # callback(image_index, step, total_steps, denoised_latents); raise Interrupted to stop.
@@ -157,19 +157,16 @@ class StableDiffusion:
         cfg = self.vae.cfg
         vae_dtype = next(self.vae.parameters()).dtype
 
-        def encode_tile(tile: torch.Tensor, box=None) -> torch.Tensor:
-            with torch.inference_mode():
-                return self.vae.encode(tile.to(self.device, vae_dtype)).mean.float()
-
         if tiled is None:
             tiled = pixels.shape[-2] * pixels.shape[-1] > ENCODE_ABOVE
         rows = []
-        for image in pixels.split(1):
-            if tiled:
-                rows.append(tiled_apply(encode_tile, image, ENCODE_TILE, ENCODE_OVERLAP, ratio=1 / self.latent_factor,
-                                        align=self.latent_factor))
-            else:
-                rows.append(encode_tile(image))
+        with torch.inference_mode():
+            for image in pixels.split(1):
+                image = image.to(self.device, vae_dtype)
+                if tiled:
+                    rows.append(tiled_vae_encode(self.vae, image, ENCODE_TILE, ENCODE_OVERLAP).float())
+                else:
+                    rows.append(self.vae.encode(image).mean.float())
         return (torch.cat(rows) - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
@@ -179,18 +176,16 @@ class StableDiffusion:
         latents = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
         vae_dtype = next(self.vae.parameters()).dtype
 
-        def decode_tile(tile: torch.Tensor, box=None) -> torch.Tensor:
-            with torch.inference_mode():
-                return self.vae.decode(tile.to(vae_dtype)).float()
-
         if tiled is None:
             tiled = latents.shape[-2] * latents.shape[-1] > DECODE_ABOVE
         rows = []
-        for image in latents.split(1):
-            if tiled:
-                rows.append(tiled_apply(decode_tile, image, DECODE_TILE, DECODE_OVERLAP, ratio=self.latent_factor))
-            else:
-                rows.append(decode_tile(image))
+        with torch.inference_mode():
+            for image in latents.split(1):
+                image = image.to(vae_dtype)
+                if tiled:
+                    rows.append(tiled_vae_decode(self.vae, image, DECODE_TILE, DECODE_OVERLAP).float())
+                else:
+                    rows.append(self.vae.decode(image).float())
         pixels = torch.cat(rows)
         if not torch.isfinite(pixels).all():  # never a black image saved as a success
             from sdgen.runtime.numerics import redecode_in_float32
