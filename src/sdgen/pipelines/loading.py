@@ -17,6 +17,7 @@ from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.models.unet import UNet, UNetConfig
 from sdgen.models.vae import AutoencoderKL, VAEConfig
 from sdgen.runtime.device import pick_device, pick_dtype
+from sdgen.runtime.mapped import cast_state
 
 SD2_PAD_TOKEN = "!"  # SD 2.x (OpenCLIP) pads with "!" (id 0), SD 1.x with the end token
 
@@ -31,6 +32,9 @@ def build_module(source: Path, what: str, factory: Callable[[], torch.nn.Module]
     """Make the module without allocating weights, then take the file's tensors as its parameters."""
     with torch.device("meta"):
         module = factory()
+    # cast tensor by tensor, handing each one's mapped file pages back: fp16 -> bf16 no longer
+    # holds the whole file resident next to the cast copy (sdgen/runtime/mapped.py)
+    state = cast_state(state, device, dtype)
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
