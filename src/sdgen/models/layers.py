@@ -104,6 +104,11 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True for a 4-D tensor laid out channels-last (NHWC strides) that is not also plain contiguous."""
+    return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def multi_head_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False
 ) -> torch.Tensor:
@@ -219,7 +224,9 @@ class SpatialTransformer(nn.Module):
             h = self.proj_out(h)
         h = h.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
         if not self.linear_projection:
-            h = self.proj_out(h.contiguous())
+            # permuted tokens are already a channels-last image; the default path copies them to
+            # NCHW as diffusers does, which keeps its conv's rounding and so exact fp32 parity
+            h = self.proj_out(h if is_channels_last(x) else h.contiguous())
         return x + h
 
 
@@ -229,6 +236,7 @@ class SelfAttention2d(nn.Module):
     def __init__(self, channels: int, groups: int, eps: float = 1e-6):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.upcast = False  # attention in float32 for bf16 inputs (set by sdgen.runtime.fast)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -236,9 +244,13 @@ class SelfAttention2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
+        if is_channels_last(x):  # the fast path: tokens are a free view of a channels-last image
+            h = self.group_norm(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+            h = multi_head_attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1, upcast=self.upcast)
+            return x + self.to_out[0](h).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
         # normalising the (b, c, h*w) view, as diffusers does, keeps results bit-identical
         h = self.group_norm(x.view(batch, channels, height * width)).transpose(1, 2)
-        h = multi_head_attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1)
+        h = multi_head_attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1, upcast=self.upcast)
         h = self.to_out[0](h).transpose(1, 2).reshape(batch, channels, height, width)
         # h is a strided view; h + x (not x + h) yields diffusers' memory layout and so its exact rounding
         return h + x

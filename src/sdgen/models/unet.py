@@ -265,6 +265,7 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
+        self.channels_last = False  # NHWC activations: oneDNN's native layout (set by sdgen.runtime.fast)
         channels, temb = cfg.block_out_channels, cfg.temb_dim
         groups, eps = cfg.norm_num_groups, cfg.norm_eps
 
@@ -358,6 +359,8 @@ class UNet(nn.Module):
             raise ValueError(f"context: expected width {self.cfg.cross_attention_dim}, got {context.shape[-1]}")
         context = context.to(x.dtype)
         emb = self.time_embed(timesteps, x.shape[0], x.dtype, added_cond)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
 
         h = self.conv_in(x)
         skips = [h]
@@ -378,7 +381,7 @@ class UNet(nn.Module):
             if stage.upsamplers is not None:
                 # upsample to the next skip's size: odd sizes (e.g. 9 -> 5 -> 9) stay aligned
                 h = stage.upsamplers[0](h, size=skips[-1].shape[-2:])
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(F.silu(self.conv_norm_out(h))).contiguous()
 
 
 def _res_attention(stage: Stage, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,

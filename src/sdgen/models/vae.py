@@ -237,6 +237,7 @@ class AutoencoderKL(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
+        self.channels_last = False  # NHWC activations: oneDNN's native layout (set by sdgen.runtime.fast)
         latent = cfg.latent_channels
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
@@ -248,7 +249,9 @@ class AutoencoderKL(nn.Module):
         if pixels.ndim != 4 or pixels.shape[1] != self.cfg.in_channels:
             raise ValueError(f"pixels: expected (batch, {self.cfg.in_channels}, height, width), "
                              f"got {tuple(pixels.shape)}")
-        moments = self.encoder(pixels)
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        moments = self.encoder(pixels).contiguous()
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         mean, logvar = moments.chunk(2, dim=1)
@@ -259,9 +262,11 @@ class AutoencoderKL(nn.Module):
         if latents.ndim != 4 or latents.shape[1] != self.cfg.latent_channels:
             raise ValueError(f"latents: expected (batch, {self.cfg.latent_channels}, height, width), "
                              f"got {tuple(latents.shape)}")
+        if self.channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
         if self.post_quant_conv is not None:
             latents = self.post_quant_conv(latents)
-        return self.decoder(latents)
+        return self.decoder(latents).contiguous()
 
     def forward(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reconstruction: decode a posterior sample of the encoded pixels."""

@@ -1,0 +1,297 @@
+"""The CPU benchmark: sdgen against diffusers (same weights, sampler and dtype) and the other peers.
+
+    .venv/bin/python bench/run.py                 # full run, SD 1.5 shapes, writes bench/RESULTS.md
+    .venv/bin/python bench/run.py --sdxl          # also SDXL's U-Net step at 1024x1024 and its memory
+    .venv/bin/python bench/run.py --smoke         # tiny models, a few iterations (CI: tests/test_bench_smoke.py)
+
+Random weights with the published full-size shapes are written once as a diffusers folder of
+fp16 safetensors (no downloads); both systems load that folder. Timings in one process
+alternate between the systems and are reported as ratios to diffusers; peak memory is measured
+per system in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models import SPECS, load_reference, sdgen_from_reference, sdgen_unet, write_folder  # noqa: E402
+from report import Report, image_quality  # noqa: E402
+from timing import count_flops, gemm_peak, interleaved, machine_line  # noqa: E402
+
+import peers  # noqa: E402
+from sdgen.runtime.fast import accelerate, accelerate_pipeline  # noqa: E402
+
+PROMPT, NEGATIVE, CFG = "a tranquil lake with the mountains at sunset", "", 7.5
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_START = time.perf_counter()
+
+
+def log(text: str) -> None:
+    """Progress on stderr, with the time since the start (a full run takes a while)."""
+    print(f"[bench {time.perf_counter() - _START:7.1f} s] {text}", file=sys.stderr, flush=True)
+
+
+def quiet() -> None:
+    """Silence the reference's progress bars and advice, which would drown the report."""
+    import diffusers
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+
+
+def unet_inputs(spec, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Batch 2 (a prompt with guidance): latents, timesteps, text context."""
+    generator = torch.Generator().manual_seed(0)
+    side = size // spec.vae.downsample_factor
+    x = torch.randn(2, spec.unet.in_channels, side, side, generator=generator)
+    context = torch.randn(2, 77, spec.unet.cross_attention_dim, generator=generator)
+    return x.to(dtype), torch.tensor([500.0, 500.0]), context.to(dtype)
+
+
+def bench_dtype(args, spec, folder: Path, dtype_name: str, report: Report, fp32_images: dict) -> None:
+    """Every in-process comparison for one dtype: U-Net step, text encoding, VAE decode, txt2img."""
+    dtype = DTYPES[dtype_name]
+    start = time.perf_counter()
+    ref = load_reference(folder, dtype)
+    report.note(f"diffusers {dtype_name} load (in the comparison process): {time.perf_counter() - start:.1f} s")
+    ours = sdgen_from_reference(ref, dtype)
+    fast = accelerate_pipeline(sdgen_from_reference(ref, dtype)) if dtype_name == "bf16" else None
+    names = {"diffusers": ref, "sdgen": ours, **({"sdgen fast": fast} if fast else {})}
+    rounds = args.rounds
+
+    with torch.inference_mode():
+        for size in args.unet_sizes:
+            x, t, context = unet_inputs(spec, size, dtype)
+            systems = {f"diffusers {dtype_name}": lambda: ref.unet(x, t, context).sample,
+                       f"sdgen {dtype_name}": lambda: ours.unet(x, t, context)}
+            if fast:
+                systems[f"sdgen {dtype_name} fast"] = lambda: fast.unet(x, t, context)
+            if args.peers and "openvino" in args.peers:
+                for precision in (["bf16"] if dtype_name == "bf16" else ["f32"]):
+                    converted = peers.openvino_unet(ref.unet, (x, t, context), precision)
+                    if converted:
+                        systems[f"openvino {precision}"] = converted.call
+                        report.note(f"openvino {precision} U-Net at {size}: convert {converted.convert_s:.1f} s, "
+                                    f"compile {converted.compile_s:.1f} s (one-off)")
+            log(f"{dtype_name} U-Net step {size}: {', '.join(systems)}")
+            timings = interleaved(f"U-Net step {size}x{size}, batch 2", systems, rounds, warmup=1)
+            timings.flops = count_flops(lambda: ours.unet(x, t, context))
+            report.add(timings, dtype_name)
+            del systems
+
+        log(f"{dtype_name} text encoding and VAE decode")
+        tokens = {"diffusers": lambda: ref.encode_prompt(PROMPT, "cpu", 1, True, NEGATIVE),
+                  "sdgen": lambda: (ours.encode_prompt(PROMPT), ours.encode_prompt(NEGATIVE))}
+        timings = interleaved("text encoding (prompt + negative)", {f"{k} {dtype_name}": v for k, v in tokens.items()},
+                              rounds, warmup=1)
+        timings.flops = count_flops(tokens["sdgen"])
+        report.add(timings, dtype_name)
+
+        side = args.vae_size // spec.vae.downsample_factor
+        latents = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(1))
+        decoders = {f"diffusers {dtype_name}": lambda: ref.vae.decode(latents.to(dtype)).sample,
+                    f"sdgen {dtype_name}": lambda: ours.vae.decode(latents.to(dtype))}
+        if fast:
+            decoders[f"sdgen {dtype_name} fast"] = lambda: fast.vae.decode(latents.to(dtype))
+        timings = interleaved(f"VAE decode {args.vae_size}x{args.vae_size}", decoders, rounds, warmup=1)
+        timings.flops = count_flops(decoders[f"sdgen {dtype_name}"])
+        report.add(timings, dtype_name)
+        if dtype_name == "fp32":
+            fp32_images["decode"] = ours.vae.decode(latents).float()
+        elif "decode" in fp32_images:
+            for name, system in (("sdgen bf16", ours), ("sdgen bf16 fast", fast), ("diffusers bf16", None)):
+                image = (system.vae.decode(latents.to(dtype)) if system else ref.vae.decode(latents.to(dtype)).sample)
+                report.quality(f"VAE decode {args.vae_size}: {name} vs sdgen fp32",
+                               *image_quality(image.float(), fp32_images["decode"]))
+
+    for size in args.txt2img_sizes:
+        def run_reference():
+            return ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=CFG,
+                       height=size, width=size, generator=torch.Generator().manual_seed(0)).images[0]
+
+        def run_sdgen(pipe):
+            return lambda: pipe.generate(prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps, sampler="Euler",
+                                         cfg_scale=CFG, width=size, height=size, seed=0).images[0]
+
+        systems = {f"diffusers {dtype_name}": run_reference, f"sdgen {dtype_name}": run_sdgen(ours)}
+        if fast:
+            systems[f"sdgen {dtype_name} fast"] = run_sdgen(fast)
+        log(f"{dtype_name} txt2img {size}")
+        timings = interleaved(f"txt2img {size}x{size}, {args.steps} Euler steps, CFG (text + U-Net + decode)",
+                              systems, max(1, rounds - 1), warmup=0)
+        report.add(timings, dtype_name)
+        images = {name: _pixels(image) for name, image in timings.outputs.items()}
+        key = f"txt2img {size}"
+        if dtype_name == "fp32":
+            fp32_images[key] = images["sdgen fp32"]
+            report.quality(f"{key}: sdgen fp32 vs diffusers fp32", *image_quality(images["sdgen fp32"],
+                                                                                  images["diffusers fp32"]))
+        elif key in fp32_images:
+            for name, image in images.items():
+                report.quality(f"{key}: {name} vs sdgen fp32", *image_quality(image, fp32_images[key]))
+    del names, ref, ours, fast
+
+
+def _pixels(image) -> torch.Tensor:
+    """A PIL image as a float tensor in [-1, 1]."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)
+
+
+def measure_memory(args, folder: Path, report: Report) -> None:
+    """Each system in a fresh process: load the folder, one txt2img image; load time and peak RSS."""
+    systems = [("diffusers", "bf16", False), ("sdgen", "bf16", False)]
+    if not args.smoke:
+        systems += [("sdgen", "bf16", True), ("diffusers", "fp32", False), ("sdgen", "fp32", False)]
+    for system, dtype_name, fast in systems:
+        command = [sys.executable, __file__, "--child-memory", system, "--dtype", dtype_name, "--folder", str(folder),
+                   "--size", str(args.memory_size), "--steps", "2", "--threads", str(args.threads)]
+        command += ["--fast"] if fast else []
+        log(f"memory: {' '.join(command[3:6])}{' --fast' if fast else ''}")
+        result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        label = f"{system} {dtype_name}{' fast' if fast else ''}"
+        if result.returncode != 0:
+            report.memory(label, None, result.stderr.strip().splitlines()[-1][:200] if result.stderr else "failed")
+            continue
+        report.memory(label, json.loads(result.stdout.strip().splitlines()[-1]), None)
+
+
+def child_memory(args) -> None:
+    """Runs in its own process: prints load time, RSS after loading and peak RSS as JSON."""
+    quiet()
+    dtype = DTYPES[args.dtype]
+    start = time.perf_counter()
+    if args.child_memory == "diffusers":
+        pipe = load_reference(Path(args.folder), dtype)
+        loaded = time.perf_counter() - start
+        rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=CFG,
+             height=args.size, width=args.size, generator=torch.Generator().manual_seed(0))
+    else:
+        import sdgen
+
+        pipe = sdgen.load(args.folder, dtype=args.dtype, device="cpu")
+        if args.fast:
+            accelerate_pipeline(pipe)
+        loaded = time.perf_counter() - start
+        rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        pipe.generate(prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps, sampler="Euler", cfg_scale=CFG,
+                      width=args.size, height=args.size, seed=0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"load_s": loaded, "rss_loaded_gib": rss_loaded / 2**20, "peak_gib": peak / 2**20}))
+
+
+def bench_sdxl(args, report: Report) -> None:
+    """SDXL's U-Net step at 1024x1024 (batch 2) in bf16, diffusers against sdgen and sdgen fast."""
+    spec = SPECS["sdxl"]
+    folder = write_folder(spec, args.workdir / spec.key())
+    from diffusers import UNet2DConditionModel
+
+    ref = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch.bfloat16).eval()
+    ours, fast = sdgen_unet(ref), accelerate(sdgen_unet(ref))
+    x, t, context = unet_inputs(spec, spec.image_size, torch.bfloat16)
+    added = {"text_embeds": torch.randn(2, 1280).bfloat16(), "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2)}
+    with torch.inference_mode():
+        timings = interleaved("SDXL U-Net step 1024x1024, batch 2", {
+            "diffusers bf16": lambda: ref(x, t, context, added_cond_kwargs=added).sample,
+            "sdgen bf16": lambda: ours(x, t, context, added),
+            "sdgen bf16 fast": lambda: fast(x, t, context, added)}, max(1, args.rounds - 1), warmup=1)
+        timings.flops = count_flops(lambda: ours(x, t, context, added))
+    report.add(timings, "bf16")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny models and few iterations (CI)")
+    parser.add_argument("--sdxl", action="store_true", help="also SDXL's U-Net step at 1024x1024")
+    parser.add_argument("--out", type=Path, help="results file (default: bench/RESULTS.md, or stdout with --smoke)")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sdgen-bench",
+                        help="where the random-weight model folders are written and kept")
+    parser.add_argument("--rounds", type=int, help="timed rounds per comparison")
+    parser.add_argument("--peers", help="comma-separated extra peers: openvino, or none (default: openvino; "
+                        "none with --smoke)")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: fp32,bf16,memory,peak")
+    parser.add_argument("--threads", type=int, help="torch threads (default: all cores; 1 with --smoke, where "
+                        "tiny ops would mostly wait on each other)")
+    # internal: one system's memory measurement in its own process
+    parser.add_argument("--child-memory", choices=["sdgen", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="bf16", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, default=512, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.peers = args.peers if args.peers is not None else ("none" if args.smoke else "openvino")
+    args.peers = [] if args.peers in ("", "none") else args.peers.split(",")
+    args.threads = args.threads or (1 if args.smoke else os.cpu_count())
+    args.skip = set(filter(None, args.skip.split(",")))
+    if args.smoke:
+        args.spec, args.unet_sizes, args.vae_size, args.txt2img_sizes, args.memory_size = "tiny", [64], 64, [64], 64
+        args.steps, args.rounds = args.steps or 2, args.rounds or 2
+    else:
+        args.spec, args.unet_sizes, args.vae_size, args.txt2img_sizes, args.memory_size = "sd15", [256, 512], 512, [256, 512], 512
+        args.steps, args.rounds = args.steps or 20, args.rounds or 3
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child_memory:
+        child_memory(args)
+        return 0
+    quiet()
+    command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = Report(command.strip(), datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine_line(),
+                    args.smoke)
+    log(machine_line())
+    if "peak" not in args.skip:
+        size = 1024 if args.smoke else 4096
+        report.peaks = {"fp32": gemm_peak(torch.float32, size), "bf16": gemm_peak(torch.bfloat16, size)}
+    spec = SPECS[args.spec]
+    log("GEMM peaks done; writing or reusing the random-weight folder")
+    start = time.perf_counter()
+    folder = write_folder(spec, args.workdir / spec.key())
+    report.note(f"random-weight {spec.name} folder ready in {time.perf_counter() - start:.1f} s: {folder}")
+    fp32_images: dict = {}
+    for dtype_name in ("fp32", "bf16"):
+        if dtype_name not in args.skip:
+            bench_dtype(args, spec, folder, dtype_name, report, fp32_images)
+    if "memory" not in args.skip:
+        measure_memory(args, folder, report)
+    if args.sdxl and not args.smoke:
+        bench_sdxl(args, report)
+    report.unavailable.update(peers.unavailable)
+    if not args.smoke:
+        report.unavailable.setdefault("stable-diffusion.cpp", peers.sdcpp_status())
+    report.end_line = machine_line()
+    text = report.markdown()
+    out = args.out or (None if args.smoke else Path(__file__).resolve().parent / "RESULTS.md")
+    if out is None:
+        print(text)
+    else:
+        out.write_text(text)
+        print(text)
+        print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The benchmark harness runs end to end in its smoke mode (tiny models, two rounds), so it never rots.
+
+The full run (`python bench/run.py`) is documented in README.md ("Performance"); here only the
+machinery is checked: every section produces its rows, ratios are finite, memory children report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+
+
+@pytest.mark.timeout(1800)
+def test_bench_smoke_mode_writes_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    result = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out), "--workdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=1800, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert "smoke run" in text and "matmul peak" in text and "- machine:" in text
+    for workload in ("U-Net step 64x64", "text encoding", "VAE decode 64x64", "txt2img 64x64"):
+        rows = [line for line in text.splitlines() if line.startswith(f"| {workload}")]
+        systems = {line.split("|")[3].strip() for line in rows}
+        assert {"diffusers fp32", "sdgen fp32", "diffusers bf16", "sdgen bf16"} <= systems, (workload, systems)
+        for line in rows:
+            ratio = float(line.split("|")[4])
+            assert math.isfinite(ratio) and ratio > 0, line
+    assert {"sdgen bf16 fast"} <= {line.split("|")[3].strip() for line in text.splitlines()
+                                   if line.startswith("| U-Net step")}
+    memory = re.findall(r"^\| (sdgen|diffusers) bf16 \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", text, re.M)
+    assert {system for system, *_ in memory} == {"sdgen", "diffusers"}, text
+    assert "| txt2img 64: sdgen fp32 vs diffusers fp32 |" in text  # the same image from both

@@ -1,0 +1,146 @@
+"""Each CPU fast path stays within its tolerance of the exact fp32 model, on tiny random models.
+
+Tolerances (relative rms error against the fp32 output of the same weights):
+- fast paths in fp32 change memory layout and so convolution algorithms only: within 1e-4
+  (measured 2e-6 to 2e-5);
+- fast paths in bf16: at most 1.5x the plain bf16 path's own error plus 0.01, as test_unet.py
+  asks of bf16 against diffusers (measured: equal to the plain bf16 error within 0.002).
+`restore` returns to the bit-exact default path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from reference_models import UNET_FAMILIES, make_reference_unet, make_reference_vae, unet_example_inputs
+from sdgen.models.unet import UNet, UNetConfig
+from sdgen.models.vae import AutoencoderKL, VAEConfig
+from sdgen.runtime.fast import FastOptions, accelerate, restore
+from sdgen.runtime.mapped import cast_state, release_file_pages
+
+OPTIONS = [FastOptions(), FastOptions(channels_last=True, fp32_attention=False),
+           FastOptions(channels_last=False, fp32_attention=True)]
+OPTION_IDS = ["all", "channels_last", "fp32_attention"]
+
+
+def relative_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()).item()
+
+
+def ours_from(reference: torch.nn.Module, cls, config_cls) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = cls(config_cls.from_diffusers(dict(reference.config)))
+    model.load_state_dict(reference.state_dict(), strict=True, assign=True)
+    return model.eval()
+
+
+def run_unet(model: UNet, inputs: dict, dtype: torch.dtype) -> torch.Tensor:
+    added = inputs["added_cond"]
+    if added is not None:
+        added = {k: v.to(dtype) if k != "time_ids" else v for k, v in added.items()}
+    return model(inputs["x"].to(dtype), inputs["timesteps"], inputs["context"].to(dtype), added).float()
+
+
+# every family with all paths on; each path alone on SD 1.x (keeps the suite fast on 2 cores)
+UNET_CASES = [(family, OPTIONS[0]) for family in UNET_FAMILIES] + [("sd1", options) for options in OPTIONS[1:]]
+
+
+@pytest.mark.parametrize("family, options", UNET_CASES,
+                         ids=[f"{f}-{OPTION_IDS[OPTIONS.index(o)]}" for f, o in UNET_CASES])
+@torch.no_grad()
+def test_unet_fast_paths_within_tolerance(family: str, options: FastOptions) -> None:
+    reference = make_reference_unet(family, seed=3)
+    inputs = unet_example_inputs(family, size=8)
+    ours = ours_from(reference, UNet, UNetConfig)
+    exact = run_unet(ours, inputs, torch.float32)
+    fast32 = run_unet(accelerate(ours, options), inputs, torch.float32)
+    assert relative_rms(fast32, exact) <= 1e-4
+    assert torch.equal(run_unet(restore(ours), inputs, torch.float32), exact)
+
+    ours16 = ours_from(reference.to(torch.bfloat16), UNet, UNetConfig)
+    plain = relative_rms(run_unet(ours16, inputs, torch.bfloat16), exact)
+    fast = relative_rms(run_unet(accelerate(ours16, options), inputs, torch.bfloat16), exact)
+    print(f"{family}: bf16 error vs fp32 plain {plain:.4f}, fast {fast:.4f}")
+    assert fast <= 1.5 * plain + 0.01
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+@torch.no_grad()
+def test_vae_fast_paths_within_tolerance(options: FastOptions) -> None:
+    reference = make_reference_vae(seed=4)
+    ours = ours_from(reference, AutoencoderKL, VAEConfig)
+    generator = torch.Generator().manual_seed(5)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    pixels = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
+    exact, exact_mean = ours.decode(latents), ours.encode(pixels).mean
+    accelerate(ours, options)
+    assert relative_rms(ours.decode(latents), exact) <= 1e-4
+    assert relative_rms(ours.encode(pixels).mean, exact_mean) <= 1e-4
+    assert torch.equal(restore(ours).decode(latents), exact)
+
+    ours16 = ours_from(reference.to(torch.bfloat16), AutoencoderKL, VAEConfig)
+    plain = relative_rms(ours16.decode(latents.bfloat16()), exact)
+    accelerate(ours16, options)
+    fast = relative_rms(ours16.decode(latents.bfloat16()), exact)
+    fast_encode = relative_rms(ours16.encode(pixels.bfloat16()).mean, exact_mean)
+    print(f"VAE decode bf16 error vs fp32 plain {plain:.4f}, fast {fast:.4f}; encode fast {fast_encode:.4f}")
+    assert fast <= 1.5 * plain + 0.01
+    assert fast_encode <= 0.05
+
+
+def test_channels_last_reaches_every_convolution() -> None:
+    """A U-Net call on the fast path never feeds a convolution an NCHW tensor (no layout round trips)."""
+    reference = make_reference_unet("sd1", seed=3)
+    ours = accelerate(ours_from(reference, UNet, UNetConfig).to(torch.bfloat16))
+    layouts = []
+    hooks = [module.register_forward_pre_hook(lambda m, args: layouts.append(args[0].is_contiguous()))
+             for module in ours.modules() if isinstance(module, torch.nn.Conv2d)]
+    inputs = unet_example_inputs("sd1", size=8)
+    with torch.no_grad():
+        out = run_unet(ours, inputs, torch.bfloat16)
+    for hook in hooks:
+        hook.remove()
+    assert layouts and not any(layouts)
+    assert out.is_contiguous()  # callers get the ordinary layout back
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="Linux only")
+def test_cast_state_releases_mapped_pages(tmp_path) -> None:
+    """fp16 file -> bf16: the copies stay, the mapped pages go, and the file's bytes are untouched."""
+    from safetensors.torch import save_file
+
+    from sdgen.checkpoints.safetensors_io import load_safetensors
+
+    generator = torch.Generator().manual_seed(0)
+    weights = {f"w{i}": torch.randn(1024, 4096, generator=generator).half() for i in range(16)}  # 128 MiB
+    path = tmp_path / "weights.safetensors"
+    save_file(weights, path)
+    state, _ = load_safetensors(path)
+    for tensor in state.values():
+        tensor.float().sum()  # page everything in, as a cast does
+    before = _resident_bytes()
+    cast = cast_state(state, torch.device("cpu"), torch.bfloat16)
+    growth = _resident_bytes() - before
+    # the bf16 copies (128 MiB) arrive, the mapped fp16 pages (128 MiB) leave
+    assert growth < 48 * 2**20, f"resident memory grew by {growth / 2**20:.0f} MiB"
+    for name, tensor in weights.items():
+        assert torch.equal(cast[name], tensor.bfloat16())
+        assert torch.equal(state[name], tensor)  # the mapping reads back the same bytes
+
+
+def test_release_leaves_ordinary_memory_alone() -> None:
+    """Heap tensors are never advised (MADV_DONTNEED would zero anonymous memory)."""
+    tensor = torch.arange(4 << 20, dtype=torch.float32)
+    assert release_file_pages([tensor]) == 0
+    assert torch.equal(tensor, torch.arange(4 << 20, dtype=torch.float32))
+    same = {"a": tensor.bfloat16(), "ids": torch.arange(3)}
+    cast = cast_state(same, torch.device("cpu"), torch.bfloat16)
+    assert cast["a"] is same["a"] and cast["ids"] is same["ids"]
