@@ -171,3 +171,9 @@ def test_command_line_refiner_and_ranking(folders, tmp_path, capsys):
     assert "--keep needs --rank clip" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", PROMPT, "--original-size", "big"])
+
+
+def test_separate_vae_keeps_the_sdxl_scaling(folders):
+    pipe = sdgen.load(folders / "base", vae=folders / "refiner" / "vae")
+    assert pipe.vae.cfg.scaling_factor == pytest.approx(0.13025) and pipe.vae_name == "vae"
+    assert "VAE: vae" in pipe.generate(**FAST).infotexts[0]
