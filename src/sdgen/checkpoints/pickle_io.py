@@ -19,6 +19,7 @@ import pickle
 import re
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -343,6 +344,6 @@ def load_pickle(path: str | Path) -> Any:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
             AttributeError, RuntimeError, struct.error, zipfile.BadZipFile, OSError, MemoryError,
-            OverflowError, RecursionError) as exc:
+            OverflowError, RecursionError, zlib.error) as exc:  # zlib: a damaged deflated member
         problem = f"unreadable pickle ({type(exc).__name__}: {str(exc)[:120]})"
         raise CheckpointError(path, problem, _DAMAGED_FIX) from None

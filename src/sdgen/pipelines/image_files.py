@@ -95,7 +95,10 @@ def read_infotext(path: str | os.PathLike) -> str | None:
         text = image.info.get("parameters")
         if text:
             return text
-        comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+        try:  # a PNG's EXIF may follow the pixel data, so Pillow decodes them to reach it
+            comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+        except (OSError, SyntaxError, ValueError) as error:
+            raise UserError(f"{path}: the image data is damaged or truncated ({error})") from None
     if not comment:
         return None
     return parse_user_comment(comment) or None
