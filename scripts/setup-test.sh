@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the test extras: the reference implementation (diffusers, transformers),
+# Installs the test extras (Ray included, for the batch scale-out test): the reference implementation (diffusers, transformers),
 # the original CLIP tokenizer and k-diffusion (without their torchvision dependency,
 # so pip never swaps the CPU torch build), and the browser for UI tests.
 set -euo pipefail

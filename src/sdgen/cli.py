@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     from sdgen.server.arguments import add_serve_arguments
 
     add_serve_arguments(commands.add_parser("serve", help="HTTP API (AUTOMATIC1111-compatible), job queue, web UI"))
+    from sdgen.batch.arguments import add_batch_arguments
+    from sdgen.train.finetune.arguments import add_finetune_arguments
+
+    add_finetune_arguments(commands.add_parser("finetune", help="LoRA, textual inversion or DreamBooth on your images"))
+    add_batch_arguments(commands.add_parser("batch", help="generate a JSON-lines file of requests (resumable, Ray)"))
     return parser
 
 
@@ -199,8 +204,20 @@ def run_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def run_finetune(args: argparse.Namespace) -> int:
+    from sdgen.train.finetune.arguments import run_finetune_command
+
+    return run_finetune_command(args)
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    from sdgen.batch.arguments import run_batch_command
+
+    return run_batch_command(args)
+
+
 COMMANDS = {"generate": run_generate, "samplers": run_samplers, "info": run_info, "train": run_train,
-            "eval": run_eval, "serve": run_serve}
+            "eval": run_eval, "serve": run_serve, "finetune": run_finetune, "batch": run_batch}
 
 
 def run_rank(args: argparse.Namespace) -> int:

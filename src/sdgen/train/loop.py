@@ -33,6 +33,7 @@ class StageSettings:
     bf16: bool = True  # autocast on the CPU
     checkpoint_every: int = 250
     log_every: int = 10
+    accumulate: int = 1  # micro-batches per optimizer step (gradient accumulation)
 
 
 def lr_at(step: int, settings: StageSettings) -> float:
@@ -68,7 +69,8 @@ def train_stage(
 ) -> torch.nn.Module:
     """Train `model` for `settings.steps`, resuming from `run_dir/<name>/checkpoint.pt` if present.
 
-    `batch_at(step)` must be deterministic in `step`, so a resumed run sees the same data.
+    `batch_at(step)` must be deterministic in `step`, so a resumed run sees the same data. With
+    `accumulate` = k, optimizer step s sums the gradients of micro-batches `batch_at(s * k + i)`.
     Returns the EMA model when `ema_decay` is set, the trained model otherwise.
     """
     stage_dir = Path(run_dir) / settings.name
@@ -112,11 +114,15 @@ def train_stage(
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, settings)
-            batch = batch_at(step)
-            with autocast:
-                loss, extra = loss_fn(batch, step)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            total, k = 0.0, settings.accumulate
+            for micro in range(k):
+                index = step * k + micro
+                with autocast:
+                    loss, extra = loss_fn(batch_at(index), index)
+                (loss / k if k > 1 else loss).backward()
+                total += float(loss.detach()) / k
+            loss = torch.tensor(total) if k > 1 else loss
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             optimizer.step()
             if ema is not None:

@@ -1,0 +1,133 @@
+"""LoRA training (Hu et al. 2021) on the U-Net's attention blocks and optionally the text encoder,
+saved with kohya-ss sd-scripts' key names (networks/lora.py), which AUTOMATIC1111, ComfyUI and
+`sdgen.lora` read:
+
+    lora_unet_<module path, dots as underscores>.lora_down.weight   (rank, in)  or (rank, in, 1, 1)
+    lora_unet_<...>.lora_up.weight                                  (out, rank) or (out, rank, 1, 1)
+    lora_unet_<...>.alpha                                           scalar; the update is alpha / rank * up @ down
+    lora_te_text_model_encoder_layers_<i>_self_attn_q_proj...       text encoder layers, same parts
+
+Targets as kohya's defaults: every Linear and 1x1 Conv2d inside the U-Net's transformer blocks
+(`attentions.*`: proj_in, attn1/attn2 to_q/to_k/to_v/to_out.0, ff, proj_out) and, with the text
+encoder, every Linear of its attention and MLP layers. The base weights stay frozen: a forward
+hook adds `multiplier * alpha / rank * up(down(x))` to each target's output.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+from torch import nn
+
+from sdgen.runtime.files import write_bytes_atomically
+
+UNET_PREFIX, TEXT_PREFIX = "lora_unet_", "lora_te_"
+
+
+class Shared:
+    """Frozen base-model parts a trainable module works on; its copies (the loop's EMA) share
+    them instead of copying a whole model."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __deepcopy__(self, memo: dict) -> "Shared":
+        return self
+
+
+class _Hooks(list):
+    """Hook handles of an attached network; a copy starts detached."""
+
+    def __deepcopy__(self, memo: dict) -> "_Hooks":
+        return _Hooks()
+
+
+def lora_targets(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, nn.Module]:
+    """kohya name -> layer, for the U-Net's transformer blocks and the text encoder's layers."""
+    targets: dict[str, nn.Module] = {}
+    for name, module in unet.named_modules():
+        in_transformer = ".attentions." in f".{name}"
+        is_1x1 = isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
+        if in_transformer and (isinstance(module, nn.Linear) or is_1x1):
+            targets[UNET_PREFIX + name.replace(".", "_")] = module
+    if text_encoder is not None:
+        for name, module in text_encoder.named_modules():
+            if isinstance(module, nn.Linear) and (".self_attn." in name or ".mlp." in name):
+                targets[TEXT_PREFIX + name.replace(".", "_")] = module
+    return targets
+
+
+class LoraLayer(nn.Module):
+    """down (rank x in) then up (out x rank); up starts at zero so training starts from the base model."""
+
+    def __init__(self, target: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if isinstance(target, nn.Conv2d):
+            self.down = nn.Conv2d(target.in_channels, rank, 1, bias=False)
+            self.up = nn.Conv2d(rank, target.out_channels, 1, bias=False)
+        else:
+            self.down = nn.Linear(target.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, target.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.up.weight)
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.rank = rank
+        self.multiplier = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x.to(self.down.weight.dtype))) * (self.multiplier * float(self.alpha) / self.rank)
+
+
+class LoraNetwork(nn.Module):
+    """The LoRA layers of one model; `attach()` hooks them into the targets, `detach()` removes them.
+
+    Only the LoRA layers are submodules (the base model is not), so checkpoints and the EMA copy
+    the training loop keeps hold the adapter alone.
+    """
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None, rank: int = 4,
+                 alpha: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+        generator = torch.Generator().manual_seed(seed)  # the down projections' initialisation
+        targets = lora_targets(unet, text_encoder)
+        self._targets = Shared(targets)
+        self.layers = nn.ModuleDict({key: LoraLayer(m, rank, alpha, generator) for key, m in targets.items()})
+        self.rank, self.alpha_value = rank, alpha
+        self._handles = _Hooks()
+
+    def attach(self) -> "LoraNetwork":
+        self.detach()
+        for key, target in self._targets.value.items():
+            layer = self.layers[key]
+            self._handles.append(target.register_forward_hook(
+                lambda module, args, output, layer=layer: output + layer(args[0]).to(output.dtype)))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The adapter in kohya-ss / AUTOMATIC1111 key names (see the module docstring)."""
+        state = {}
+        for key, layer in self.layers.items():
+            state[f"{key}.lora_down.weight"] = layer.down.weight.detach().to(dtype).contiguous()
+            state[f"{key}.lora_up.weight"] = layer.up.weight.detach().to(dtype).contiguous()
+            state[f"{key}.alpha"] = layer.alpha.detach().to(dtype)
+        return state
+
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None,
+             dtype: torch.dtype = torch.float32) -> Path:
+        """Write a kohya-format `.safetensors` with kohya's `ss_` metadata (A1111 shows it)."""
+        info = {"ss_network_module": "networks.lora", "ss_network_dim": str(self.rank),
+                "ss_network_alpha": str(self.alpha_value), **(metadata or {})}
+        return write_bytes_atomically(path, save(self.kohya_state_dict(dtype), metadata=info))
+
