@@ -303,3 +303,21 @@ class _FakeHuge(Image.Image):
     def __init__(self) -> None:
         super().__init__()
         self._size = (100000, 8)
+
+
+def test_no_loader_falls_back_to_an_unrestricted_unpickler(tmp_path, monkeypatch):
+    import pickle
+
+    import torch
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an unrestricted loader was called")
+
+    sentinel, paths = _evil_files(tmp_path, "builtins.eval")
+    for owner, name in ((torch, "load"), (torch.serialization, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(owner, name, forbidden)
+    for path in paths:
+        for loader in (read_lora, read_embedding, read_vae, sdgen.load):
+            with pytest.raises(UserError, match="builtins.eval"):
+                loader(path)
+    assert not sentinel.exists()
