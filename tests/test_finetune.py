@@ -293,6 +293,12 @@ def test_dreambooth_with_prior_writes_folder_and_single_file(tiny_model, images,
     from_single = sdgen.load(single, config=folder).generate(**request).latents
     assert (from_folder - base.generate(**request).latents).abs().max() > 1e-4
     torch.testing.assert_close(from_folder, from_single, rtol=0, atol=1e-5)
+    from diffusers import StableDiffusionPipeline
+
+    reference = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    trained_state = sdgen.load(folder).unet.state_dict()
+    for key, value in reference.unet.state_dict().items():
+        assert torch.equal(value, trained_state[key]), key
 
 
 def test_cli_finetune(tiny_model, images, tmp_path, capsys):

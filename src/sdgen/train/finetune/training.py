@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdgen.errors import UserError
 from sdgen.pipelines.images import open_image
 from sdgen.train.finetune.arguments import METHODS
 from sdgen.pipelines.output import save_png_atomic
@@ -157,6 +158,8 @@ def run_finetune(config: FinetuneConfig, pipeline=None) -> FinetuneResult:
     run_dir = Path(config.out)
     if pipeline is None:
         pipeline = sdgen.load(config.model, device=config.device, dtype="fp32")
+    if pipeline.family not in ("sd1", "sd2"):
+        raise UserError(f"fine-tuning takes SD 1.x and 2.x models; {pipeline.family} is not supported yet")
     resolution = config.resolution or pipeline.native_size
     images = read_image_folder(config.data, config.caption, config.caption_column)
     data = CachedImages(images, pipeline, run_dir, resolution, config.buckets, config.batch_size, config.seed)
