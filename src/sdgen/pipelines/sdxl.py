@@ -273,6 +273,7 @@ class StableDiffusionXL(StableDiffusion):
                 from sdgen.runtime.device import DTYPES
 
                 dtype = next(name for name, value in DTYPES.items() if value == self.dtype)
+                # one refiner kept at a time: a second one replaces it rather than doubling the memory
                 self._refiners = {key: load_pipeline(refiner, device=self.device.type, dtype=dtype)}
             refiner = self._refiners[key]
         mine, theirs = self.vae.cfg, refiner.vae.cfg
