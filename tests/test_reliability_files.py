@@ -321,3 +321,24 @@ def test_no_loader_falls_back_to_an_unrestricted_unpickler(tmp_path, monkeypatch
             with pytest.raises(UserError, match="builtins.eval"):
                 loader(path)
     assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("name, opcodes", [
+    ("memo index of 1.2 billion", b"\x80\x02}r\xff\xff\xff\x7f."),  # LONG_BINPUT 2**31-1: a C unpickler sizes its memo by it
+    ("8 GB string declared", b"\x80\x04\x8e" + struct.pack("<Q", 8 << 30) + b"abc"),  # BINBYTES8
+    ("2 GB long declared", b"\x80\x02\x8b" + struct.pack("<i", 2**31 - 1) + b"\x01"),  # LONG4
+])
+def test_pickle_opcodes_declaring_huge_sizes_allocate_nothing(tmp_path, name, opcodes):
+    import resource
+
+    path = tmp_path / "tiny.pt"
+    path.write_bytes(opcodes)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (psutil.Process().memory_info().vms + (1 << 30), hard))
+    try:  # with 1 GB of address space to spare, any attempt to allocate the declared size fails
+        for loader in (read_lora, read_embedding, read_vae, read_checkpoint):
+            with pytest.raises(UserError) as caught:
+                loader(path)
+            assert "MemoryError" not in str(caught.value)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

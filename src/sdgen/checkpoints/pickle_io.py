@@ -149,8 +149,14 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
 _ALLOWED = _allowed_globals()
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """find_class answers from the allow-list only; persistent ids are handed to `storage_for`."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """find_class answers from the allow-list only; persistent ids are handed to `storage_for`.
+
+    The pure-Python unpickler, not the C one: the C unpickler sizes its memo array by the largest
+    index a PUT opcode names, so a few hundred bytes declaring `LONG_BINPUT 1258647924` made it
+    allocate 10 GB (found by the atheris ckpt target). Here the memo is a dict. A checkpoint's
+    pickle holds names and shapes only, so the slower unpickler costs milliseconds.
+    """
 
     def __init__(self, file: BinaryIO, path: Path, storage_for: Callable[[tuple], _Storage] | None) -> None:
         super().__init__(file)
@@ -174,7 +180,34 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self.storage_for(pid[1:])
 
 
+class _BoundedReader:
+    """A file whose reads never ask for more than is left in it.
+
+    The C unpickler calls `read(n)` with the length an opcode declares (BINBYTES8, BINUNICODE8,
+    LONG4...), and a buffered file allocates n bytes before reading: a 600-byte pickle declaring
+    a 4 GB string would take 4 GB. Clamped, the read comes back short and unpickling fails.
+    """
+
+    def __init__(self, file: BinaryIO, size: int) -> None:
+        self.file, self.size = file, size
+
+    def _left(self, wanted: int) -> int:
+        return max(0, min(wanted, self.size - self.file.tell()))
+
+    def read(self, n: int = -1) -> bytes:
+        return self.file.read(self._left(self.size if n is None or n < 0 else n))
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        return self.file.readinto(view[:self._left(len(view))])
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self.file.readline(self._left(self.size if limit is None or limit < 0 else limit))
+
+
 def _unpickle(file: BinaryIO, path: Path, storage_for: Callable[[tuple], _Storage] | None = None) -> Any:
+    if isinstance(file, io.BufferedReader):  # zip members bound their own reads
+        file = _BoundedReader(file, os.fstat(file.fileno()).st_size)
     return _RestrictedUnpickler(file, path, storage_for).load()
 
 
