@@ -134,3 +134,19 @@ def test_strip_metadata_writes_no_text(model_folder, tmp_path, capsys):
         assert USER_COMMENT not in image.getexif().get_ifd(EXIF_IFD) and "exif" not in image.info
     (kept,) = result.save(tmp_path / "kept")
     assert Image.open(kept).info["parameters"] == result.infotexts[0]
+
+
+def test_missing_package_refuses_before_sampling_unless_turned_off(model_folder, monkeypatch):
+    from sdgen import provenance
+    from sdgen.safety.watermark import WatermarkUnavailable
+
+    pipe = sdgen.load(model_folder)
+    monkeypatch.setattr(provenance, "watermark_available", lambda: False)
+    monkeypatch.setattr(pipe.unet, "forward", lambda *a, **k: pytest.fail("sampling started"))
+    with pytest.raises(WatermarkUnavailable, match="--no-watermark"):
+        pipe.generate(prompt=PROMPT, seed=1, steps=2, width=256, height=256)
+    with pytest.raises(WatermarkUnavailable, match="256 px or more"):  # the hires pass makes 256 px images
+        pipe.generate(prompt=PROMPT, seed=1, steps=2, width=128, height=128, hires_scale=2.0)
+    monkeypatch.undo()
+    assert len(sdgen.load(model_folder, watermark=False).generate(prompt=PROMPT, seed=1, steps=1, width=256,
+                                                                   height=256).images) == 1

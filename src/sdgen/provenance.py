@@ -23,7 +23,8 @@ from PIL import Image
 from sdgen.runtime.memory import check_job_memory
 from sdgen.safety.checker import SafetyFilter, has_safety_checker, load_safety_checker
 from sdgen.safety.watermark import (
-    METHOD, MIN_SIDE, WatermarkUnavailable, add_watermark, can_carry_watermark, read_watermark, watermark_available,
+    INSTALL_HINT, METHOD, MIN_SIDE, WatermarkUnavailable, add_watermark, can_carry_watermark, read_watermark,
+    watermark_available,
 )
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,6 @@ def preflight(pipeline, request) -> None:
         sizes.append(request.hires_size)
     if getattr(pipeline, "watermark", True) and any(min(size) >= MIN_SIDE for size in sizes if all(size)):
         if not watermark_available():
-            from sdgen.safety.watermark import INSTALL_HINT
-
             raise WatermarkUnavailable(f"images of {MIN_SIDE} px or more carry an invisible watermark, but the "
                                        f"invisible-watermark package is not installed: {INSTALL_HINT}")
 
@@ -105,6 +104,6 @@ def preflight(pipeline, request) -> None:
 def describe_watermark(image: Image.Image) -> str:
     """One line for `sdgen info`: whether sdgen's invisible watermark is in the image."""
     try:
-        return read_watermark(image).describe()
+        return read_watermark(image).reason
     except WatermarkUnavailable as error:
         return f"unknown: {error}"

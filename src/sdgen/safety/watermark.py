@@ -91,10 +91,7 @@ class WatermarkReading:
 
     present: bool
     bit_errors: int | None  # None: the image could not be read (too small)
-    reason: str
-
-    def describe(self) -> str:
-        return self.reason
+    reason: str  # one line for `sdgen info`
 
 
 def read_watermark(image: Image.Image) -> WatermarkReading:
