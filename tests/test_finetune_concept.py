@@ -25,6 +25,17 @@ def test_detector_ignores_scene_shapes():
     assert false_alarms <= 2
 
 
+def test_detector_ignores_blotchy_noise():
+    """What an untrained model draws: blobs of many colours, none of them an arrow."""
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    palette = np.array([(220, 35, 35), (30, 90, 225), (245, 245, 245), (20, 20, 20), (250, 230, 50)], np.uint8)
+    noise = [palette[rng.integers(len(palette), size=(8, 8))] for _ in range(40)]
+    found = [concept_found(np.asarray(Image.fromarray(n).resize((64, 64), Image.Resampling.BICUBIC))) for n in noise]
+    assert sum(found) <= 1
+
+
 def test_captions_use_the_new_word():
     _, caption = draw_concept(np.random.default_rng(1))
     assert caption.startswith("a ") and caption.endswith(f" {TOKEN}")

@@ -24,6 +24,7 @@ ARROW = ((0.0, 0.32), (0.55, 0.32), (0.55, 0.0), (1.0, 0.5), (0.55, 1.0), (0.55,
 ARROW_ASPECT = 1.3  # width over height of its box
 COLOURS = ("red", "blue", "green", "orange", "purple", "black")
 MIN_IOU = 0.6
+MIN_EXTENT = 0.2  # of the image side
 
 
 def draw_concept(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, str]:
@@ -53,8 +54,8 @@ def concept_found(image: np.ndarray | Image.Image) -> bool:
     labels = nearest_colours(pixels)
     for obj in objects:
         x0, y0, x1, y1 = obj.box
-        if min(x1 - x0, y1 - y0) < 4:
-            continue
+        if x1 - x0 < MIN_EXTENT * pixels.shape[1]:
+            continue  # the drawn arrows are 0.3 to 0.45 of the side; noise makes many small blobs
         mask = labels[y0:y1, x0:x1] == COLOUR_NAMES.index(obj.colour)
         template = arrow_template(x1 - x0, y1 - y0)
         iou = np.count_nonzero(mask & template) / max(1, np.count_nonzero(mask | template))
