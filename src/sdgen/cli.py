@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(generate)
     _add_model_options(generate)
     _add_sdxl_options(generate)
+    from sdgen.pipelines.commands import add_image_commands, add_output_options
+
+    add_output_options(generate, hires=True)
+    add_image_commands(commands, _add_generation_options, _add_model_options)
 
     commands.add_parser("samplers", help="list samplers and schedule types")
 
@@ -123,12 +127,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     import sdgen
+    from sdgen.pipelines.commands import request_options, run_xy, save_result
     from sdgen.pipelines.request import GenerationRequest
 
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, steps=args.steps,
         sampler=args.sampler, scheduler=args.scheduler, cfg_scale=args.cfg, width=args.width,
         height=args.height, n=args.n, batch_size=args.batch_size, clip_skip=args.clip_skip,
+        **request_options(args),
     )
     request.validate()
     sdxl = {name: value for name, value in (
@@ -153,16 +159,15 @@ def run_generate(args: argparse.Namespace) -> int:
     if sdxl and not pipeline.family.startswith("sdxl"):
         raise UserError("--refiner, --switch-at, --original-size, --crop, --aesthetic-score and --zero-negative "
                         f"apply to SDXL models; {pipeline.name} is {pipeline.family}")
+    if args.xy:
+        return run_xy(pipeline, request, args, lambda r: pipeline.generate(r, progress=True, **sdxl))
     result = pipeline.generate(request, progress=True, **sdxl)
     if ranker is not None:
         from sdgen.pipelines.ranking import rank_result
 
         print("\n".join(rank_result(result, ranker, Path(args.out), args.keep, metadata=not args.strip_metadata)))
         return 0
-    for index, path in enumerate(result.save(Path(args.out), metadata=not args.strip_metadata)):
-        print(path)
-        if result.nsfw and result.nsfw[index]:
-            print(f"sdgen: {path.name} was flagged by the safety checker and blacked out", file=sys.stderr)
+    save_result(result, args)
     return 0
 
 
@@ -180,10 +185,11 @@ def run_samplers(_: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from sdgen.pipelines.images import read_image, read_image_parameters
+    from sdgen.pipelines.image_files import read_infotext
+    from sdgen.pipelines.images import read_image
     from sdgen.provenance import describe_watermark
 
-    text = read_image_parameters(args.image)
+    text = read_infotext(args.image)  # PNG chunk, or EXIF UserComment in JPEG / WEBP
     print(text if text is not None else f"{args.image}: no generation parameters stored")
     with read_image(args.image) as image:
         print(f"Invisible watermark: {describe_watermark(image)}")
@@ -229,6 +235,15 @@ def run_rank(args: argparse.Namespace) -> int:
 
 
 COMMANDS["rank"] = run_rank
+
+
+def run_image_command(args: argparse.Namespace) -> int:
+    from sdgen.pipelines.commands import COMMANDS as IMAGE_COMMANDS
+
+    return IMAGE_COMMANDS[args.command](args)
+
+
+COMMANDS.update(dict.fromkeys(["img2img", "inpaint", "outpaint", "upscale", "replay"], run_image_command))
 
 
 def main(argv: list[str] | None = None) -> int:
