@@ -177,3 +177,19 @@ def test_separate_vae_keeps_the_sdxl_scaling(folders):
     pipe = sdgen.load(folders / "base", vae=folders / "refiner" / "vae")
     assert pipe.vae.cfg.scaling_factor == pytest.approx(0.13025) and pipe.vae_name == "vae"
     assert "VAE: vae" in pipe.generate(**FAST).infotexts[0]
+
+
+def test_sdxl_inpainting_variant_runs(tmp_path):
+    """A 9-channel SDXL U-Net (the inpainting variant) takes the mask and masked-image latents as extra input."""
+    from img2img_reference import sample_mask
+    from reference_models import make_reference_unet
+
+    reference = make_sdxl_base(tmp_path)
+    reference.unet = make_reference_unet("sdxl", seed=3, in_channels=9)
+    reference.save_pretrained(tmp_path / "inpaint", safe_serialization=True)
+    pipe = sdgen.load(tmp_path / "inpaint")
+    assert pipe.is_inpainting_model
+    result = pipe.inpaint(init_image=sample_image(), mask=sample_mask(), **FAST, strength=0.9)
+    original, painted = np.asarray(sample_image(), float), np.asarray(result.images[0], float)
+    assert np.abs(original - painted)[:4, :4].max() <= 1 and np.abs(original - painted)[16:36, 24:40].max() > 5
+    assert pipe.generate(**FAST).images[0].size == (SIZE, SIZE)
