@@ -136,6 +136,7 @@ def _preprocess(folder: Path, image_size: int) -> CLIPImagePreprocess:
 
 
 def check_keep(keep: int | None) -> None:
+    """UserError unless `keep` is None (keep all) or a positive count."""
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
         raise UserError(f"--keep must be a positive number of images, got {keep!r}")
 
@@ -148,14 +149,14 @@ def add_score(infotext: str, score: float) -> str:
 def rank_result(result, ranker: CLIPRanker, out: Path, keep: int | None = None, **save_options) -> list[str]:
     """Score a GenerationResult's images against its prompt, save them all with their score in the
     infotext (the best `keep` in `out`, the others in `out/rejected`), and return report lines best first."""
+    from sdgen.pipelines.naming import save_images
+
     check_keep(keep)
     ranked = ranker.rank(result.images, result.request.prompt)
     keep = len(ranked) if keep is None else keep
     result.infotexts = [add_score(text, next(r.score for r in ranked if r.index == i))
                         for i, text in enumerate(result.infotexts)]
     lines = []
-    from sdgen.pipelines.naming import save_images
-
     for place, group in ((out, ranked[:keep]), (out / "rejected", ranked[keep:])):
         if not group:
             continue
