@@ -124,7 +124,7 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, stream: SceneStream, steps:
     def batch_at(step: int) -> torch.Tensor:
         return stream.images(step, section["batch_size"], crop=crop)
 
-    return train_stage(_settings("autoencoder", section, steps, bf16=False), run_dir, model, loss_fn, batch_at)
+    return train_stage(_settings("autoencoder", section, steps, bf16=section.get("bf16", False)), run_dir, model, loss_fn, batch_at)
 
 
 def train_clip(recipe: Recipe, run_dir: Path, stream: SceneStream, tokenizer: CLIPTokenizer,
@@ -146,7 +146,7 @@ def train_clip(recipe: Recipe, run_dir: Path, stream: SceneStream, tokenizer: CL
     def batch_at(step: int):
         return stream.captioned(step, section["batch_size"], unique_captions=True)
 
-    return train_stage(_settings("clip", section, steps, bf16=True), run_dir, model, loss_fn, batch_at)
+    return train_stage(_settings("clip", section, steps, bf16=section.get("bf16", False)), run_dir, model, loss_fn, batch_at)
 
 
 def train_unet(recipe: Recipe, run_dir: Path, stream: SceneStream, tokenizer: CLIPTokenizer,
@@ -173,7 +173,7 @@ def train_unet(recipe: Recipe, run_dir: Path, stream: SceneStream, tokenizer: CL
         loss = objective(model, latents * cache.scaling_factor, context, generator)
         return loss, {}
 
-    settings = _settings("unet", section, steps, bf16=True, ema_decay=section.get("ema_decay"),
+    settings = _settings("unet", section, steps, bf16=section.get("bf16", False), ema_decay=section.get("ema_decay"),
                          checkpoint_every=200)
     return train_stage(settings, run_dir, model, loss_fn, batch_at), cache.scaling_factor
 
