@@ -15,7 +15,9 @@ $(VENV)/.setup-done: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# Exact pin: the CPU build. A looser pin would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[server]'
+	$(BIN)/pip install --quiet -e '.[server,watermark]'
+	# The invisible watermark without its GUI OpenCV requirement (the extra brings the headless one).
+	$(BIN)/pip install --quiet --no-deps invisible-watermark==0.2.0
 	touch $@
 
 setup-test: $(VENV)/.test-done
