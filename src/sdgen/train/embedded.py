@@ -6,6 +6,7 @@ Each stage trains with `train_stage` (resumable) and leaves its result in the ru
 
 from __future__ import annotations
 
+import signal
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +234,14 @@ def export(recipe: Recipe, run_dir: Path, out: Path) -> Path:
                                   scaling_factor=cache.scaling_factor)
 
 
+def stop_on_terminate() -> None:
+    """Treat SIGTERM (kill, a session ending) like Ctrl-C: the loop saves a checkpoint, then stops."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run_training(stage: str, *, config_path: str, run_dir: str, threads: int | None = None,
                  steps: int | None = None, out: str | None = None) -> None:
     """`sdgen train STAGE`: one stage, or `all` of them in order (each resumes where it stopped)."""
@@ -240,6 +249,7 @@ def run_training(stage: str, *, config_path: str, run_dir: str, threads: int | N
 
     if threads:
         torch.set_num_threads(threads)
+    stop_on_terminate()
     recipe = Recipe.load(config_path)
     run = Path(run_dir)
     stream = SceneStream(recipe.data)
