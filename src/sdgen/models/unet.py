@@ -266,6 +266,7 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.channels_last = False  # NHWC activations: oneDNN's native layout (set by sdgen.runtime.fast)
+        self.step_cache = None  # a runtime.step_cache.StepCache reuses deep features across steps
         channels, temb = cfg.block_out_channels, cfg.temb_dim
         groups, eps = cfg.norm_num_groups, cfg.norm_eps
 
@@ -364,8 +365,24 @@ class UNet(nn.Module):
 
         h = self.conv_in(x)
         skips = [h]
-        for stage in self.down_blocks:
-            h = _res_attention(stage, h, emb, context, skips)
+        h = _res_attention(self.down_blocks[0], h, emb, context, skips)
+        # step caching (runtime/step_cache.py, off by default) may stand in for the deep levels
+        cache = self.step_cache if self.cfg.levels > 1 else None
+        key = cache.key(x, context) if cache is not None else None
+        deep = cache.lookup(timesteps, key) if cache is not None else None
+        if deep is None:
+            deep = self._deep_levels(h, emb, context, skips)
+            if cache is not None:
+                cache.store(key, deep)
+        h = _up_level(self.up_blocks[-1], deep, emb, context, skips)
+        return self.conv_out(F.silu(self.conv_norm_out(h))).contiguous()
+
+    def _deep_levels(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                     skips: list[torch.Tensor]) -> torch.Tensor:
+        """Everything between the first down level and the last up level: the map entering the last up level."""
+        for level, stage in enumerate(self.down_blocks):
+            if level:
+                h = _res_attention(stage, h, emb, context, skips)
             if stage.downsamplers is not None:
                 h = stage.downsamplers[0](h)
                 skips.append(h)
@@ -373,15 +390,22 @@ class UNet(nn.Module):
             h = self.mid_block.resnets[0](h, emb)
             h = self.mid_block.attentions[0](h, context)
             h = self.mid_block.resnets[1](h, emb)
-        for stage in self.up_blocks:
-            for i, resnet in enumerate(stage.resnets):
-                h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
-                if len(stage.attentions):
-                    h = stage.attentions[i](h, context)
-            if stage.upsamplers is not None:
-                # upsample to the next skip's size: odd sizes (e.g. 9 -> 5 -> 9) stay aligned
-                h = stage.upsamplers[0](h, size=skips[-1].shape[-2:])
-        return self.conv_out(F.silu(self.conv_norm_out(h))).contiguous()
+        for stage in self.up_blocks[:-1]:
+            h = _up_level(stage, h, emb, context, skips)
+        return h
+
+
+def _up_level(stage: Stage, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+              skips: list[torch.Tensor]) -> torch.Tensor:
+    """An up level: each res block takes the latest skip concatenated, then its transformer if any."""
+    for i, resnet in enumerate(stage.resnets):
+        h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+        if len(stage.attentions):
+            h = stage.attentions[i](h, context)
+    if stage.upsamplers is not None:
+        # upsample to the next skip's size: odd sizes (e.g. 9 -> 5 -> 9) stay aligned
+        h = stage.upsamplers[0](h, size=skips[-1].shape[-2:])
+    return h
 
 
 def _res_attention(stage: Stage, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,

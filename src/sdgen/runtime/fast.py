@@ -3,21 +3,32 @@
 What each switch does, and why it is faster on a CPU (measured in bench/RESULTS.md):
 - `channels_last`: activations in NHWC, oneDNN's native convolution layout. NCHW inputs are
   reordered to a blocked layout and back around every convolution; NHWC ones are not, and the
-  spatial transformer's (b, c, h, w) -> (b, h*w, c) token permutes become free views.
+  spatial transformer's (b, c, h, w) -> (b, h*w, c) token permutes become free views. The 3x3
+  kernels are given NHWC strides once (PyTorch would copy them at every call otherwise).
 - `fp32_attention`: attention in float32 for bf16 models. PyTorch's CPU flash-attention kernel
   is slower in bf16 than in fp32 for SD's head sizes (40, 80, 160), and float32 is also the more
   accurate choice. The projections around it stay in bf16.
 Both change rounding only: results stay within the bf16 tolerance of the fp32 model
 (tests/test_fast_paths.py).
+- `prepack`: bf16 convolution and linear weights reordered once into oneDNN's blocked layout
+  (what torch.compile's freezing does), instead of at every call; same arithmetic, same results.
+  A packed copy is kept per layer (about the size of the U-Net's weights once more) and is
+  packed again if the layer's weight is replaced or changed in place (LoRA merging).
+- `step_cache` (0 = off): DeepCache's feature reuse across sampling steps (step_cache.py). Unlike
+  the two above it changes the images, by a measured amount, so it is never on by default.
 """
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from sdgen.models.layers import Attention, SelfAttention2d
+from sdgen.runtime.mapped import file_mappings, release_file_pages
+from sdgen.runtime.step_cache import StepCache
 
 
 @dataclass(frozen=True)
@@ -26,17 +37,79 @@ class FastOptions:
 
     channels_last: bool = True
     fp32_attention: bool = True
+    prepack: bool = True
+    step_cache: int = 0  # run the whole U-Net every this many steps, the shallow levels in between
 
 
 def accelerate(module: nn.Module, options: FastOptions = FastOptions()) -> nn.Module:
     """Switch the fast paths on for a U-Net or VAE (in place; weights are not copied) and return it."""
     if hasattr(module, "channels_last"):
         module.channels_last = options.channels_last
+        if options.channels_last:
+            _channels_last_kernels(module)
+    if hasattr(module, "step_cache"):
+        module.step_cache = StepCache(options.step_cache) if options.step_cache > 1 else None
+    if options.prepack and _mkldnn_bf16():
+        for child in module.modules():
+            if _packable(child):
+                child.forward = types.MethodType(_packed_forward, child)
     for child in module.modules():
         if isinstance(child, (Attention, SelfAttention2d)):
             # `upcast` set by the config (SD 2.x) stays on whatever the options say
             child.upcast = child.upcast or options.fp32_attention
     return module
+
+
+def _mkldnn_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _packable(layer: nn.Module) -> bool:
+    """bf16 Linear layers and zero-padded Conv2d layers with numeric padding."""
+    if isinstance(layer, nn.Conv2d):
+        return (layer.weight.dtype == torch.bfloat16 and layer.padding_mode == "zeros"
+                and not isinstance(layer.padding, str))
+    return isinstance(layer, nn.Linear) and layer.weight.dtype == torch.bfloat16
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The in-place modification counter (inference tensors have none and cannot be modified in place)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
+
+
+def _packed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Conv2d / Linear forward on a weight packed at the first call (and again whenever the weight changed)."""
+    weight = layer.weight
+    packed = layer.__dict__.get("_packed")
+    if x.device.type != "cpu" or x.dtype != weight.dtype:
+        return type(layer).forward(layer, x)
+    if packed is None or packed[0] is not weight or packed[1] != _version(weight):
+        if isinstance(layer, nn.Conv2d):
+            dense = weight.detach().contiguous().to_mkldnn()
+            packed_weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                dense, list(layer.padding), list(layer.stride), list(layer.dilation), layer.groups, list(x.shape))
+        else:
+            packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), x.numel() // x.shape[-1])
+        packed = layer.__dict__["_packed"] = (weight, _version(weight), packed_weight)
+    bias = layer.bias
+    if isinstance(layer, nn.Conv2d):
+        return torch.ops.mkldnn._convolution_pointwise(x, packed[2], bias, list(layer.padding), list(layer.stride),
+                                                       list(layer.dilation), layer.groups, "none", [], "")
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed[2], bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _channels_last_kernels(module: nn.Module) -> None:
+    """Give every 3x3 kernel NHWC strides once: with NCHW kernels PyTorch copies each one at every call."""
+    mappings = file_mappings()
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d) and not conv.weight.is_contiguous(memory_format=torch.channels_last):
+            old = conv.weight
+            conv.weight = nn.Parameter(old.contiguous(memory_format=torch.channels_last), requires_grad=False)
+            release_file_pages([old], mappings)  # a kernel mapped from the file leaves the resident set
 
 
 def accelerate_pipeline(pipe, options: FastOptions = FastOptions()):
@@ -51,6 +124,14 @@ def restore(module: nn.Module) -> nn.Module:
     """Back to the exact default path (the config's own attention upcast is kept)."""
     if hasattr(module, "channels_last"):
         module.channels_last = False
+        for conv in module.modules():  # NHWC kernels would pull NCHW inputs onto the NHWC path
+            if isinstance(conv, nn.Conv2d) and not conv.weight.is_contiguous():
+                conv.weight = nn.Parameter(conv.weight.contiguous(), requires_grad=False)
+    if hasattr(module, "step_cache"):
+        module.step_cache = None
+    for child in module.modules():
+        child.__dict__.pop("forward", None)  # the class's own forward again
+        child.__dict__.pop("_packed", None)
     upcast = bool(getattr(getattr(module, "cfg", None), "upcast_attention", False))
     for child in module.modules():
         if isinstance(child, Attention):

@@ -21,7 +21,7 @@ _MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE
 
 
-def _file_mappings() -> list[tuple[int, int]]:
+def file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's private file-backed mappings, from /proc/self/maps (Linux)."""
     ranges = []
     try:
@@ -55,7 +55,7 @@ def release_file_pages(tensors: list[torch.Tensor], mappings: list[tuple[int, in
     madvise = _madvise()
     if madvise is None:
         return 0
-    mappings = _file_mappings() if mappings is None else mappings
+    mappings = file_mappings() if mappings is None else mappings
     advised = 0
     for tensor in tensors:
         if tensor.device.type != "cpu" or tensor.numel() == 0:
@@ -77,7 +77,7 @@ def cast_state(state: dict[str, torch.Tensor], device: torch.device, dtype: torc
     Tensors already on `device` in `dtype` are kept as they are (computing directly from the
     mapped file), and so are integer tensors.
     """
-    mappings = _file_mappings()
+    mappings = file_mappings()
     result = {}
     for name, tensor in state.items():
         if not tensor.is_floating_point() or (tensor.dtype == dtype and tensor.device == device):
