@@ -49,12 +49,14 @@ class ModelSpec:
 
 
 CLIP_L = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, eos_token_id=2)
+OPENCLIP_BIGG = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=20,
+                               hidden_act="gelu", projection_dim=1280, eos_token_id=2)
 SD15 = ModelSpec("sd15", UNetConfig(), VAEConfig(), CLIP_L, 512)
 SDXL = ModelSpec("sdxl", UNetConfig(
     block_out_channels=(320, 640, 1280), layers_per_block=(2, 2, 2), attention=(False, True, True),
     num_heads=(5, 10, 20), transformer_depth=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
     addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    sample_size=128), replace(VAEConfig(), scaling_factor=0.13025, force_upcast=False, sample_size=1024), None, 1024)
+    sample_size=128), replace(VAEConfig(), scaling_factor=0.13025, force_upcast=False, sample_size=1024), CLIP_L, 1024)
 # --smoke: SD's layout (4 levels, attention on the first three) at tiny widths, 64x64 images.
 TINY = ModelSpec("tiny", UNetConfig(
     block_out_channels=(32, 32, 64, 64), num_heads=(2, 2, 2, 2), cross_attention_dim=32, norm_num_groups=8,
@@ -103,22 +105,34 @@ def write_folder(spec: ModelSpec, folder: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     unet = random_init_(_empty_fp16(lambda: UNet2DConditionModel(**_clean(spec.unet.to_diffusers()))), seed)
     vae = random_init_(_empty_fp16(lambda: RefVAE(**_clean(spec.vae.to_diffusers()))), seed + 1)
-    if spec.text is None:  # SDXL: the U-Net and the VAE only (sdgen's pipeline is SD 1.x / 2.x)
-        unet.save_pretrained(folder / "unet", safe_serialization=True)
-        vae.save_pretrained(folder / "vae", safe_serialization=True)
+    text_config = transformers.CLIPTextConfig(**_clean(spec.text.to_transformers()))
+    text = random_init_(_empty_fp16(lambda: transformers.CLIPTextModel(text_config)), seed + 2)
+    scheduler = EulerDiscreteScheduler.from_config(SCHEDULER)
+    if spec.unet.addition_embed_type == "text_time":  # SDXL: CLIP-L and OpenCLIP bigG with projection
+        from diffusers import StableDiffusionXLPipeline
+
+        bigg_config = transformers.CLIPTextConfig(**_clean(OPENCLIP_BIGG.to_transformers()))
+        text_2 = random_init_(_empty_fp16(lambda: transformers.CLIPTextModelWithProjection(bigg_config)), seed + 3)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2,
+                                         tokenizer=_tokenizer(folder, "<|endoftext|>"),
+                                         tokenizer_2=_tokenizer(folder, "!"), unet=unet, scheduler=scheduler)
     else:
-        text_config = transformers.CLIPTextConfig(**_clean(spec.text.to_transformers()))
-        text = random_init_(_empty_fp16(lambda: transformers.CLIPTextModel(text_config)), seed + 2)
-        vocab = folder / "vocab-files"
-        CLIPTokenizer.default().save_folder(vocab)
-        tokenizer = transformers.CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"),
-                                               pad_token="<|endoftext|>", model_max_length=77)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                       scheduler=EulerDiscreteScheduler.from_config(SCHEDULER), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-        pipe.save_pretrained(folder, safe_serialization=True)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=_tokenizer(folder, "<|endoftext|>"),
+                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
     done.write_text(spec.key())
     return folder
+
+
+def _tokenizer(folder: Path, pad: str):
+    """transformers' CLIPTokenizer over the original CLIP vocabulary (written by sdgen's tokenizer)."""
+    import transformers
+
+    vocab = folder / "vocab-files"
+    CLIPTokenizer.default().save_folder(vocab)
+    return transformers.CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), pad_token=pad,
+                                      model_max_length=77)
 
 
 def _clean(config: dict) -> dict:
@@ -127,11 +141,14 @@ def _clean(config: dict) -> dict:
 
 
 def load_reference(folder: Path, dtype: torch.dtype):
-    """diffusers' StableDiffusionPipeline from the folder, Euler sampler, progress bar off."""
-    from diffusers import StableDiffusionPipeline
+    """diffusers' StableDiffusionPipeline (or XL pipeline) from the folder, Euler sampler, progress bar off."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False, local_files_only=True)
+    if (folder / "text_encoder_2").exists():
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=None,
+                                                       requires_safety_checker=False, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -32,9 +32,10 @@ from report import Report, image_quality  # noqa: E402
 from timing import count_flops, gemm_peak, interleaved, machine_line  # noqa: E402
 
 import peers  # noqa: E402
-from sdgen.runtime.fast import accelerate, accelerate_pipeline  # noqa: E402
+from sdgen.runtime.fast import FastOptions, accelerate, accelerate_pipeline  # noqa: E402
 
 PROMPT, NEGATIVE, CFG = "a tranquil lake with the mountains at sunset", "", 7.5
+STEP_CACHE = 3  # DeepCache interval of the "step cache" variant: the whole U-Net every third step
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _START = time.perf_counter()
 
@@ -72,7 +73,9 @@ def bench_dtype(args, spec, folder: Path, dtype_name: str, report: Report, fp32_
     report.note(f"diffusers {dtype_name} load (in the comparison process): {time.perf_counter() - start:.1f} s")
     ours = sdgen_from_reference(ref, dtype)
     fast = accelerate_pipeline(sdgen_from_reference(ref, dtype)) if dtype_name == "bf16" else None
-    names = {"diffusers": ref, "sdgen": ours, **({"sdgen fast": fast} if fast else {})}
+    # beyond the peers, off by default: DeepCache step caching, reported with its image difference
+    cached = (accelerate_pipeline(sdgen_from_reference(ref, dtype), FastOptions(step_cache=STEP_CACHE))
+              if dtype_name == "bf16" else None)
     rounds = args.rounds
 
     with torch.inference_mode():
@@ -132,6 +135,7 @@ def bench_dtype(args, spec, folder: Path, dtype_name: str, report: Report, fp32_
         systems = {f"diffusers {dtype_name}": run_reference, f"sdgen {dtype_name}": run_sdgen(ours)}
         if fast:
             systems[f"sdgen {dtype_name} fast"] = run_sdgen(fast)
+            systems[f"sdgen {dtype_name} fast + step cache {STEP_CACHE}"] = run_sdgen(cached)
         log(f"{dtype_name} txt2img {size}")
         timings = interleaved(f"txt2img {size}x{size}, {args.steps} Euler steps, CFG (text + U-Net + decode)",
                               systems, max(1, rounds - 1), warmup=0)
@@ -145,7 +149,7 @@ def bench_dtype(args, spec, folder: Path, dtype_name: str, report: Report, fp32_
         elif key in fp32_images:
             for name, image in images.items():
                 report.quality(f"{key}: {name} vs sdgen fp32", *image_quality(image, fp32_images[key]))
-    del names, ref, ours, fast
+    del ref, ours, fast, cached
 
 
 def _pixels(image) -> torch.Tensor:
@@ -178,7 +182,17 @@ def child_memory(args) -> None:
     quiet()
     dtype = DTYPES[args.dtype]
     start = time.perf_counter()
-    if args.child_memory == "diffusers":
+    if args.child_memory == "decode":  # the VAE alone: a latent of the given image size, decoded (tiled)
+        import sdgen
+
+        pipe = sdgen.load(args.folder, dtype=args.dtype, device="cpu")
+        if args.fast:
+            accelerate_pipeline(pipe)
+        loaded = time.perf_counter() - start
+        rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        side = args.size // pipe.latent_factor
+        pipe.decode(torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0)))
+    elif args.child_memory == "diffusers":
         pipe = load_reference(Path(args.folder), dtype)
         loaded = time.perf_counter() - start
         rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -198,13 +212,31 @@ def child_memory(args) -> None:
     print(json.dumps({"load_s": loaded, "rss_loaded_gib": rss_loaded / 2**20, "peak_gib": peak / 2**20}))
 
 
+def sdxl_and_tiled_memory(args, report: Report) -> None:
+    """SDXL at 1024x1024 (bf16, sdgen fast and diffusers) and a tiled 2048x2048 decode (sdgen), each in its own process."""
+    sdxl = write_folder(SPECS["sdxl"], args.workdir / SPECS["sdxl"].key())
+    sd15 = write_folder(SPECS["sd15"], args.workdir / SPECS["sd15"].key())
+    runs = [("sdgen", sdxl, 1024, True, "SDXL 1024x1024"), ("diffusers", sdxl, 1024, False, "SDXL 1024x1024"),
+            ("decode", sd15, 2048, True, "SD 1.5 VAE decode 2048x2048 (tiled)")]
+    for system, folder, size, fast, what in runs:
+        command = [sys.executable, __file__, "--child-memory", system, "--dtype", "bf16", "--folder", str(folder),
+                   "--size", str(size), "--steps", "2", "--threads", str(args.threads)] + (["--fast"] if fast else [])
+        log(f"memory: {what} {system}")
+        result = subprocess.run(command, capture_output=True, text=True, timeout=7200)
+        label = f"{what}: {system if system != 'decode' else 'sdgen'} bf16{' fast' if fast else ''}"
+        if result.returncode != 0:
+            report.memory(label, None, result.stderr.strip().splitlines()[-1][:200] if result.stderr else "failed")
+        else:
+            report.memory(label, json.loads(result.stdout.strip().splitlines()[-1]), None)
+
+
 def bench_sdxl(args, report: Report) -> None:
     """SDXL's U-Net step at 1024x1024 (batch 2) in bf16, diffusers against sdgen and sdgen fast."""
     spec = SPECS["sdxl"]
     folder = write_folder(spec, args.workdir / spec.key())
     from diffusers import UNet2DConditionModel
 
-    ref = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch.bfloat16).eval()
+    ref = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch.bfloat16, local_files_only=True).eval()
     ours, fast = sdgen_unet(ref), accelerate(sdgen_unet(ref))
     x, t, context = unet_inputs(spec, spec.image_size, torch.bfloat16)
     added = {"text_embeds": torch.randn(2, 1280).bfloat16(), "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2)}
@@ -231,7 +263,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores; 1 with --smoke, where "
                         "tiny ops would mostly wait on each other)")
     # internal: one system's memory measurement in its own process
-    parser.add_argument("--child-memory", choices=["sdgen", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--child-memory", choices=["sdgen", "diffusers", "decode"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="bf16", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=512, help=argparse.SUPPRESS)
@@ -278,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         measure_memory(args, folder, report)
     if args.sdxl and not args.smoke:
         bench_sdxl(args, report)
+        if "memory" not in args.skip:
+            sdxl_and_tiled_memory(args, report)
     report.unavailable.update(peers.unavailable)
     if not args.smoke:
         report.unavailable.setdefault("stable-diffusion.cpp", peers.sdcpp_status())
