@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sdgen.diffusion.registry import resolve_sampler
+from sdgen.pipelines.conditioning import total_steps
 from sdgen.pipelines.images import to_pil
 from sdgen.pipelines.request import GenerationRequest
 
@@ -47,9 +49,11 @@ def hires_pass(pipe, request: GenerationRequest, latents: torch.Tensor, *, progr
 
     width, height = request.hires_size
     upscaled = upscale_latents(pipe, latents, width, height, request.hires_upscaler)
+    spec, _ = resolve_sampler(request.sampler, request.scheduler)
     job = SamplingJob(tuple(upscaled.shape[1:]), request.hires_steps or request.steps,
                       strength=request.hires_strength, init_latents=upscaled,
-                      image_cond=pipe.txt2img_conditioning(width, height))
+                      image_cond=pipe.txt2img_conditioning(width, height),
+                      first_pass_steps=total_steps(spec, request.steps))
     return pipe.sample_latents(request, job, progress=progress, callback=callback)
 
 

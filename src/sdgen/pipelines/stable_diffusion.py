@@ -22,13 +22,17 @@ from tqdm import tqdm
 import sdgen
 from sdgen.checkpoints.parts import CheckpointParts
 from sdgen.diffusion import registry
-from sdgen.diffusion.denoisers import cfg_denoiser, make_denoiser, masked_denoiser
+from sdgen.diffusion.denoisers import make_denoiser, masked_denoiser
 from sdgen.diffusion.noise import ImageNoise
 from sdgen.diffusion.registry import img2img_sigmas, resolve_sampler, sample, sigmas_for
+from sdgen.pipelines.conditioning import conditioning_schedule, expand_rows, scheduled_cfg_denoiser, total_steps
 from sdgen.pipelines.images import to_pil
 from sdgen.pipelines.infotext import format_infotext
+from sdgen.pipelines.networks import lora_hashes, loras_applied
 from sdgen.pipelines.request import GenerationRequest, Img2ImgRequest, RequestError
 from sdgen.pipelines.tiling import tiled_vae_decode, tiled_vae_encode
+from sdgen.prompting.encode import PromptEncoder
+from sdgen.prompting.parse import extract_extra_networks
 from sdgen.provenance import finish_images, preflight
 
 # callback(image_index, step, total_steps, denoised_latents); raise Interrupted to stop.
@@ -81,11 +85,7 @@ class SamplingJob:
     image_cond: torch.Tensor | None = None  # (1 or n, 5, h, w): an inpainting U-Net's mask + masked-image latents
     sampler: str | None = None  # None: the request's
     scheduler: str | None = None
-
-
-def expand_rows(conditioning: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
-    """Batch-1 conditioning tensors repeated (as views) for `count` images."""
-    return {key: value.expand(count, *value.shape[1:]) for key, value in conditioning.items()}
+    first_pass_steps: int | None = None  # a hires pass: the first pass's total steps (prompt editing counts on)
 
 
 def _rows(tensor: torch.Tensor | None, start: int, count: int) -> torch.Tensor | None:
@@ -102,6 +102,8 @@ class StableDiffusion:
 
     safety_checker = None  # a sdgen.safety.checker.SafetyFilter, set by sdgen.load when the folder has one
     watermark = True  # invisible watermark on images of 256 px or more (see sdgen.provenance)
+    lora_dir: Path | None = None  # where `<lora:name>` finds name.safetensors (--lora-dir)
+    embeddings = None  # a sdgen.prompting.EmbeddingLibrary of textual inversions the prompts may name
 
     def __init__(self, unet, vae, text_encoder, tokenizer, schedule, *, family: str, name: str,
                  hash_fn: Callable[[], str], device: torch.device, dtype: torch.dtype, vae_name: str | None = None):
@@ -143,11 +145,17 @@ class StableDiffusion:
         """A U-Net that takes the mask and the masked image's latents as 5 extra input channels (SD inpainting)."""
         return self.unet.cfg.in_channels == self.vae.cfg.latent_channels + 5
 
+    @property
+    def prompt_encoder(self) -> PromptEncoder:
+        """A1111's prompt encoding (emphasis, BREAK, long prompts, `embeddings`) for this text encoder."""
+        if getattr(self, "_prompt_encoder", None) is None or self._prompt_encoder_embeddings is not self.embeddings:
+            self._prompt_encoder = PromptEncoder(self.tokenizer, self.text_encoder, self.embeddings)
+            self._prompt_encoder_embeddings = self.embeddings
+        return self._prompt_encoder
+
     def encode_prompt(self, prompt: str, clip_skip: int = 1) -> torch.Tensor:
-        """Text-encoder hidden states (1, 77, dim) used as the U-Net's cross-attention context."""
-        ids = self.tokenizer([prompt]).to(self.device)
-        with torch.inference_mode():
-            return self.text_encoder(ids, clip_skip=clip_skip).hidden_states
+        """The U-Net's cross-attention context (1, 77 * chunks, dim); `<lora:...>` tags are not encoded."""
+        return self.prompt_encoder.encode(extract_extra_networks(prompt)[0], clip_skip)
 
     def encode(self, pixels: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
         """Pixels (b, 3, H, W) in [-1, 1] to latents in the U-Net's scale: the posterior mean, so no randomness.
@@ -210,10 +218,13 @@ class StableDiffusion:
                             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         """The U-Net's keyword conditioning (batch 1) for the prompt and, unless cfg_scale is 1, the negative
         prompt, for a pass at width x height (SDXL's size conditioning depends on it; see sdxl.py)."""
-        cond = self.encode_prompt(request.prompt, request.clip_skip)
         if request.cfg_scale == 1.0:
-            return {"context": cond}, None
-        return {"context": cond}, {"context": self.encode_prompt(request.negative_prompt, request.clip_skip)}
+            return {"context": self.encode_prompt(request.prompt, request.clip_skip)}, None
+        # Both padded to the same number of 77-token chunks with the empty prompt's chunk (A1111's option).
+        cond, uncond = self.prompt_encoder.encode_pair(extract_extra_networks(request.prompt)[0],
+                                                       extract_extra_networks(request.negative_prompt)[0],
+                                                       request.clip_skip)
+        return {"context": cond}, {"context": uncond}
 
     def _model_fn(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                   image_cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -238,9 +249,14 @@ class StableDiffusion:
             full_sigmas, sigmas = img2img_sigmas(
                 lambda n: sigmas_for(spec, schedule_name, self.schedule, n, model_family=self.family),
                 job.steps, job.strength)
+        with loras_applied(self, request.prompt):
+            return self._sample_batches(request, job, spec, sigmas, full_sigmas, progress, callback)
+
+    def _sample_batches(self, request, job, spec, sigmas, full_sigmas, progress, callback) -> torch.Tensor:
         start_from_image = job.strength is not None and job.strength < 1.0
         factor = self.latent_factor
-        cond, uncond = self.prompt_conditioning(request, job.shape[2] * factor, job.shape[1] * factor)
+        conditioning = conditioning_schedule(self, request, job.shape[2] * factor, job.shape[1] * factor,
+                                             total_steps(spec, job.steps), job.first_pass_steps)
         denoiser = make_denoiser(self._model_fn, self.schedule, lcm=spec.lcm)
         seeds, subseeds = request.image_seeds()
         show = progress and sys.stderr.isatty()
@@ -253,8 +269,7 @@ class StableDiffusion:
                 batches.append(init.clone())  # nothing to denoise: the input as encoded
                 continue
             extra = {} if job.image_cond is None else {"image_cond": _rows(job.image_cond, start, count)}
-            guided = cfg_denoiser(denoiser, {**expand_rows(cond, count), **extra},
-                                  None if uncond is None else {**expand_rows(uncond, count), **extra}, request.cfg_scale)
+            guided = scheduled_cfg_denoiser(denoiser, conditioning, count, extra, request.cfg_scale)
             if job.keep is not None:
                 guided = masked_denoiser(guided, init, job.keep.to(init))
             noise = ImageNoise(seeds[start:start + count], job.shape, subseeds=subseeds[start:start + count],
@@ -365,5 +380,6 @@ class StableDiffusion:
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "RNG": "CPU",
             **(extra or {}),
+            "Lora hashes": lora_hashes(self, request.prompt),
             "Version": f"sdgen {sdgen.__version__}",
         })
