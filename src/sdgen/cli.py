@@ -127,7 +127,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     import sdgen
-    from sdgen.pipelines.commands import request_options, run_xy, save_result
+    from sdgen.pipelines.commands import configure, request_options, run_xy, save_result
     from sdgen.pipelines.request import GenerationRequest
 
     request = GenerationRequest(
@@ -159,6 +159,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if sdxl and not pipeline.family.startswith("sdxl"):
         raise UserError("--refiner, --switch-at, --original-size, --crop, --aesthetic-score and --zero-negative "
                         f"apply to SDXL models; {pipeline.name} is {pipeline.family}")
+    configure(pipeline, args)
     if args.xy:
         return run_xy(pipeline, request, args, lambda r: pipeline.generate(r, progress=True, **sdxl))
     result = pipeline.generate(request, progress=True, **sdxl)

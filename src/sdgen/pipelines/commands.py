@@ -30,6 +30,7 @@ def add_output_options(parser: argparse.ArgumentParser, hires: bool = False) -> 
     group.add_argument("--grid", action="store_true", help="also save a grid of all images")
     group.add_argument("--xy", nargs="+", default=None, metavar="AXIS",
                        help="X/Y plot: one or two axes such as 'cfg=4,7,10' 'steps=10,20' (columns, rows)")
+    group.add_argument("--lora-dir", default=None, help="folder where <lora:name:weight> in a prompt finds name.safetensors")
     if hires:
         group = parser.add_argument_group("hires fix")
         group.add_argument("--hires", type=float, default=None, metavar="SCALE",
@@ -38,6 +39,13 @@ def add_output_options(parser: argparse.ArgumentParser, hires: bool = False) -> 
         group.add_argument("--hires-steps", type=int, default=0, help="second-pass steps (0: same as --steps)")
         group.add_argument("--hires-upscaler", default="Latent",
                            help="Latent, 'Latent (bicubic)', 'Latent (nearest)', ..., Lanczos, Nearest")
+
+
+def configure(pipeline, args: argparse.Namespace):
+    """Pipeline settings from the options (the LoRA folder)."""
+    if getattr(args, "lora_dir", None):
+        pipeline.lora_dir = Path(args.lora_dir)
+    return pipeline
 
 
 def request_options(args: argparse.Namespace) -> dict:
@@ -94,6 +102,7 @@ def add_image_commands(commands, add_generation: AddOptions, add_model: AddOptio
     replay.add_argument("--out", default="outputs")
     replay.add_argument("--format", default="png", choices=["png", "jpeg", "webp"])
     replay.add_argument("--filename", default=None, metavar="PATTERN")
+    replay.add_argument("--lora-dir", default=None, help="folder of the LoRAs the prompt names")
     add_model(replay)
 
 
@@ -193,7 +202,7 @@ def _load_pipeline(args: argparse.Namespace):
     options = dict(vae=args.vae, config=args.config, prediction=args.prediction, device=args.device, dtype=args.dtype)
     if hasattr(args, "no_safety_checker"):
         options.update(safety_checker=not args.no_safety_checker, watermark=not args.no_watermark)
-    return sdgen.load(args.model, **options)
+    return configure(sdgen.load(args.model, **options), args)
 
 
 def run_img2img(args: argparse.Namespace) -> int:
