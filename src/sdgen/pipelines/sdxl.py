@@ -35,7 +35,8 @@ from sdgen.pipelines.request import GenerationRequest, Img2ImgRequest, RequestEr
 from sdgen.pipelines.sdxl_conditioning import (
     BASE_IDS, OPTION_NAMES, REFINER_IDS, SDXLOptions, SDXLTextEncoder, time_ids,
 )
-from sdgen.pipelines.stable_diffusion import GenerationResult, StableDiffusion, StepCallback, expand_rows
+from sdgen.pipelines.conditioning import expand_rows
+from sdgen.pipelines.stable_diffusion import GenerationResult, StableDiffusion, StepCallback
 from sdgen.provenance import preflight
 
 DEFAULT_SWITCH_AT = 0.8  # A1111's default "Switch at"
