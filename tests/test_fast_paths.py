@@ -21,9 +21,9 @@ from sdgen.models.vae import AutoencoderKL, VAEConfig
 from sdgen.runtime.fast import FastOptions, accelerate, restore
 from sdgen.runtime.mapped import cast_state, release_file_pages
 
-OPTIONS = [FastOptions(), FastOptions(channels_last=True, fp32_attention=False),
-           FastOptions(channels_last=False, fp32_attention=True)]
-OPTION_IDS = ["all", "channels_last", "fp32_attention"]
+OPTIONS = [FastOptions(channels_last=True), FastOptions(channels_last=True, fp32_attention=False, prepack=False),
+           FastOptions(fp32_attention=False), FastOptions(prepack=False)]
+OPTION_IDS = ["all", "channels_last", "prepack", "fp32_attention"]
 
 
 def relative_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -94,7 +94,7 @@ def test_vae_fast_paths_within_tolerance(options: FastOptions) -> None:
 def test_channels_last_reaches_every_convolution() -> None:
     """A U-Net call on the fast path never feeds a convolution an NCHW tensor (no layout round trips)."""
     reference = make_reference_unet("sd1", seed=3)
-    ours = accelerate(ours_from(reference, UNet, UNetConfig).to(torch.bfloat16))
+    ours = accelerate(ours_from(reference, UNet, UNetConfig).to(torch.bfloat16), FastOptions(channels_last=True))
     layouts = []
     channels_last = torch.channels_last
     hooks = [module.register_forward_pre_hook(

@@ -1,21 +1,22 @@
-"""CPU fast paths for the U-Net and the VAE, off by default: the default path stays bit-exact with diffusers.
+"""Opt-in CPU fast paths for the U-Net and the VAE; the default path stays bit-exact with diffusers.
 
 What each switch does, and why it is faster on a CPU (measured in bench/RESULTS.md):
 - `channels_last`: activations in NHWC, oneDNN's native convolution layout. NCHW inputs are
   reordered to a blocked layout and back around every convolution; NHWC ones are not, and the
   spatial transformer's (b, c, h, w) -> (b, h*w, c) token permutes become free views. The 3x3
-  kernels are given NHWC strides once (PyTorch would copy them at every call otherwise).
+  kernels are given NHWC strides once (PyTorch would copy them at every call otherwise). Off by
+  default: with prepacked weights it measured no faster than NCHW on AVX-512 BF16 (no AMX).
 - `fp32_attention`: attention in float32 for bf16 models. PyTorch's CPU flash-attention kernel
   is slower in bf16 than in fp32 for SD's head sizes (40, 80, 160), and float32 is also the more
   accurate choice. The projections around it stay in bf16.
-Both change rounding only: results stay within the bf16 tolerance of the fp32 model
-(tests/test_fast_paths.py).
 - `prepack`: bf16 convolution and linear weights reordered once into oneDNN's blocked layout
   (what torch.compile's freezing does), instead of at every call; same arithmetic, same results.
   A packed copy is kept per layer (about the size of the U-Net's weights once more) and is
   packed again if the layer's weight is replaced or changed in place (LoRA merging).
+These three change rounding only: results stay within the bf16 tolerance of the fp32 model
+(tests/test_fast_paths.py).
 - `step_cache` (0 = off): DeepCache's feature reuse across sampling steps (step_cache.py). Unlike
-  the two above it changes the images, by a measured amount, so it is never on by default.
+  the others it changes the images, by a measured amount, so it is never on by default.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from sdgen.runtime.step_cache import StepCache
 class FastOptions:
     """Which fast paths to switch on; the defaults are the ones that pay off on CPUs."""
 
-    channels_last: bool = True
+    channels_last: bool = False  # measured no faster than NCHW once weights are prepacked (RESULTS.md)
     fp32_attention: bool = True
     prepack: bool = True
     step_cache: int = 0  # run the whole U-Net every this many steps, the shallow levels in between
