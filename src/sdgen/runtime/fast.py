@@ -85,8 +85,9 @@ def _packed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Conv2d / Linear forward on a weight packed at the first call (and again whenever the weight changed)."""
     weight = layer.weight
     packed = layer.__dict__.get("_packed")
-    if x.device.type != "cpu" or x.dtype != weight.dtype:
-        return type(layer).forward(layer, x)
+    if x.device.type != "cpu" or x.dtype != weight.dtype or (
+            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return type(layer).forward(layer, x)  # the packed ops have no backward: training takes the plain path
     if packed is None or packed[0] is not weight or packed[1] != _version(weight):
         if isinstance(layer, nn.Conv2d):
             dense = weight.detach().contiguous().to_mkldnn()
