@@ -131,11 +131,24 @@ def test_pathological_prompts_parse_in_bounded_time(case):
 
 def test_megabyte_prompt_generates(model_folder):
     pipe = sdgen.load(model_folder)
+    prompt = MEGABYTE_PROMPT.replace("<lora:x:0.5>", "")
     start = time.perf_counter()
-    result = pipe.generate(prompt=MEGABYTE_PROMPT, negative_prompt=PATHOLOGICAL["unbalanced brackets"], seed=1, steps=1,
+    result = pipe.generate(prompt=prompt, negative_prompt=PATHOLOGICAL["unbalanced brackets"], seed=1, steps=1,
                            width=64, height=64)
     assert time.perf_counter() - start < 2 * SECONDS
     assert len(result.images) == 1 and result.infotexts[0].startswith("a tranquil lake")
+
+
+def test_megabyte_prompt_naming_missing_loras_fails_in_one_line(model_folder):
+    from sdgen.lora import LoraError
+
+    pipe = sdgen.load(model_folder)
+    start = time.perf_counter()
+    with pytest.raises(LoraError) as raised:
+        pipe.generate(prompt=MEGABYTE_PROMPT, seed=1, steps=1, width=64, height=64)
+    assert time.perf_counter() - start < SECONDS
+    message = str(raised.value)
+    assert "\n" not in message and len(message) < 300 and "--lora-dir" in message
 
 
 # ---------------------------------------------------------------- names from requests

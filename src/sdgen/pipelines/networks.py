@@ -27,7 +27,7 @@ def prompt_loras(prompt: str) -> list[LoraReference]:
 def _files(pipe, references: list[LoraReference]):
     folder = getattr(pipe, "lora_dir", None)
     if folder is None:
-        names = ", ".join(reference.name for reference in references)
+        names = ", ".join(list(dict.fromkeys(reference.name for reference in references))[:5])
         raise LoraError(f"the prompt asks for LoRA {names} but no LoRA folder is set; pass --lora-dir FOLDER")
     return [(read_lora(find_lora(folder, ref.name), ref.name), (ref.te_weight, ref.unet_weight)) for ref in references]
 
