@@ -38,13 +38,14 @@ class ModelSpec:
     name: str
     unet: UNetConfig
     vae: VAEConfig
-    text: CLIPTextConfig | None
+    text: CLIPTextConfig
     image_size: int  # the native image side
+    text_2: CLIPTextConfig | None = None  # SDXL's second encoder (with a projection)
 
     def key(self) -> str:
         """A short fingerprint of the shapes, so a cached folder is rebuilt when a config changes."""
-        text = self.text.to_transformers() if self.text else None
-        raw = json.dumps([self.unet.to_diffusers(), self.vae.to_diffusers(), text], sort_keys=True, default=str)
+        texts = [t.to_transformers() for t in (self.text, self.text_2) if t is not None]
+        raw = json.dumps([self.unet.to_diffusers(), self.vae.to_diffusers(), texts], sort_keys=True, default=str)
         return f"{self.name}-{hashlib.sha256(raw.encode()).hexdigest()[:10]}"
 
 
@@ -56,13 +57,18 @@ SDXL = ModelSpec("sdxl", UNetConfig(
     block_out_channels=(320, 640, 1280), layers_per_block=(2, 2, 2), attention=(False, True, True),
     num_heads=(5, 10, 20), transformer_depth=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
     addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    sample_size=128), replace(VAEConfig(), scaling_factor=0.13025, force_upcast=False, sample_size=1024), CLIP_L, 1024)
+    sample_size=128), replace(VAEConfig(), scaling_factor=0.13025, force_upcast=False, sample_size=1024), CLIP_L, 1024,
+    OPENCLIP_BIGG)
 # --smoke: SD's layout (4 levels, attention on the first three) at tiny widths, 64x64 images.
 TINY = ModelSpec("tiny", UNetConfig(
     block_out_channels=(32, 32, 64, 64), num_heads=(2, 2, 2, 2), cross_attention_dim=32, norm_num_groups=8,
     sample_size=8), VAEConfig(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, sample_size=64),
     CLIPTextConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, eos_token_id=2), 64)
-SPECS = {spec.name: spec for spec in (SD15, SDXL, TINY)}
+TINY_XL = ModelSpec("tiny-xl", replace(
+    SDXL.unet, block_out_channels=(32, 64, 64), num_heads=(2, 2, 2), transformer_depth=(1, 1, 2),
+    cross_attention_dim=64, projection_class_embeddings_input_dim=32 + 6 * 256, norm_num_groups=8, sample_size=8),
+    TINY.vae, TINY.text, 64, replace(TINY.text, hidden_act="gelu", projection_dim=32))
+SPECS = {spec.name: spec for spec in (SD15, SDXL, TINY, TINY_XL)}
 
 
 @torch.no_grad()
@@ -111,7 +117,7 @@ def write_folder(spec: ModelSpec, folder: Path, seed: int = 0) -> Path:
     if spec.unet.addition_embed_type == "text_time":  # SDXL: CLIP-L and OpenCLIP bigG with projection
         from diffusers import StableDiffusionXLPipeline
 
-        bigg_config = transformers.CLIPTextConfig(**_clean(OPENCLIP_BIGG.to_transformers()))
+        bigg_config = transformers.CLIPTextConfig(**_clean(spec.text_2.to_transformers()))
         text_2 = random_init_(_empty_fp16(lambda: transformers.CLIPTextModelWithProjection(bigg_config)), seed + 3)
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2,
                                          tokenizer=_tokenizer(folder, "<|endoftext|>"),

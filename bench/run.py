@@ -214,10 +214,13 @@ def child_memory(args) -> None:
 
 def sdxl_and_tiled_memory(args, report: Report) -> None:
     """SDXL at 1024x1024 (bf16, sdgen fast and diffusers) and a tiled 2048x2048 decode (sdgen), each in its own process."""
-    sdxl = write_folder(SPECS["sdxl"], args.workdir / SPECS["sdxl"].key())
-    sd15 = write_folder(SPECS["sd15"], args.workdir / SPECS["sd15"].key())
-    runs = [("sdgen", sdxl, 1024, True, "SDXL 1024x1024"), ("diffusers", sdxl, 1024, False, "SDXL 1024x1024"),
-            ("decode", sd15, 2048, True, "SD 1.5 VAE decode 2048x2048 (tiled)")]
+    xl_spec, spec = SPECS[args.sdxl_spec], SPECS[args.spec]
+    sdxl = write_folder(xl_spec, args.workdir / xl_spec.key())
+    sd15 = write_folder(spec, args.workdir / spec.key())
+    xl, big = xl_spec.image_size, 1088 if args.smoke else 2048  # 1088: just above the tiling threshold
+    runs = [("sdgen", sdxl, xl, False, f"SDXL {xl}x{xl}"), ("sdgen", sdxl, xl, True, f"SDXL {xl}x{xl}"),
+            ("diffusers", sdxl, xl, False, f"SDXL {xl}x{xl}"),
+            ("decode", sd15, big, False, f"{spec.name} VAE decode {big}x{big} (tiled)")]
     for system, folder, size, fast, what in runs:
         command = [sys.executable, __file__, "--child-memory", system, "--dtype", "bf16", "--folder", str(folder),
                    "--size", str(size), "--steps", "2", "--threads", str(args.threads)] + (["--fast"] if fast else [])
@@ -232,16 +235,18 @@ def sdxl_and_tiled_memory(args, report: Report) -> None:
 
 def bench_sdxl(args, report: Report) -> None:
     """SDXL's U-Net step at 1024x1024 (batch 2) in bf16, diffusers against sdgen and sdgen fast."""
-    spec = SPECS["sdxl"]
+    spec = SPECS[args.sdxl_spec]
     folder = write_folder(spec, args.workdir / spec.key())
     from diffusers import UNet2DConditionModel
 
     ref = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch.bfloat16, local_files_only=True).eval()
     ours, fast = sdgen_unet(ref), accelerate(sdgen_unet(ref))
     x, t, context = unet_inputs(spec, spec.image_size, torch.bfloat16)
-    added = {"text_embeds": torch.randn(2, 1280).bfloat16(), "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2)}
+    side = float(spec.image_size)
+    added = {"text_embeds": torch.randn(2, spec.text_2.projection_dim).bfloat16(),
+             "time_ids": torch.tensor([[side, side, 0, 0, side, side]] * 2)}
     with torch.inference_mode():
-        timings = interleaved("SDXL U-Net step 1024x1024, batch 2", {
+        timings = interleaved(f"SDXL U-Net step {spec.image_size}x{spec.image_size}, batch 2", {
             "diffusers bf16": lambda: ref(x, t, context, added_cond_kwargs=added).sample,
             "sdgen bf16": lambda: ours(x, t, context, added),
             "sdgen bf16 fast": lambda: fast(x, t, context, added)}, max(1, args.rounds - 1), warmup=1)
@@ -276,9 +281,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.skip = set(filter(None, args.skip.split(",")))
     if args.smoke:
         args.spec, args.unet_sizes, args.vae_size, args.txt2img_sizes, args.memory_size = "tiny", [64], 64, [64], 64
+        args.sdxl_spec = "tiny-xl"
         args.steps, args.rounds = args.steps or 2, args.rounds or 2
     else:
         args.spec, args.unet_sizes, args.vae_size, args.txt2img_sizes, args.memory_size = "sd15", [256, 512], 512, [256, 512], 512
+        args.sdxl_spec = "sdxl"
         args.steps, args.rounds = args.steps or 20, args.rounds or 3
     return args
 
@@ -308,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             bench_dtype(args, spec, folder, dtype_name, report, fp32_images)
     if "memory" not in args.skip:
         measure_memory(args, folder, report)
-    if args.sdxl and not args.smoke:
+    if args.sdxl:
         bench_sdxl(args, report)
         if "memory" not in args.skip:
             sdxl_and_tiled_memory(args, report)

@@ -21,7 +21,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 @pytest.mark.timeout(1800)
 def test_bench_smoke_mode_writes_every_section(tmp_path: Path) -> None:
     out = tmp_path / "RESULTS.md"
-    result = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out), "--workdir", str(tmp_path)],
+    result = subprocess.run([sys.executable, str(BENCH), "--smoke", "--sdxl", "--out", str(out), "--workdir", str(tmp_path)],
                             capture_output=True, text=True, timeout=1800, env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
@@ -37,4 +37,8 @@ def test_bench_smoke_mode_writes_every_section(tmp_path: Path) -> None:
                                    if line.startswith("| U-Net step")}
     memory = re.findall(r"^\| (sdgen|diffusers) bf16 \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", text, re.M)
     assert {system for system, *_ in memory} == {"sdgen", "diffusers"}, text
+    # --sdxl: SDXL's U-Net step in the timing table, SDXL and a tiled decode in their own processes
+    assert "| SDXL U-Net step 64x64, batch 2 | bf16 | sdgen bf16 fast |" in text
+    for label in ("SDXL 64x64: sdgen bf16 |", "SDXL 64x64: diffusers bf16 |", "(tiled): sdgen bf16 |"):
+        assert label in text and "failed" not in text.split(label)[1].splitlines()[0], label
     assert "| txt2img 64: sdgen fp32 vs diffusers fp32 |" in text  # the same image from both
