@@ -100,3 +100,17 @@ def test_reference_pipeline_loads_export_and_draws_the_same_image(trained):
                        latents=latents, output_type="np").images[0]
     difference = np.abs(image / 255.0 - theirs)
     assert difference.max() <= 3 / 255 and difference.mean() <= 0.6 / 255
+
+
+def test_exported_clip_folder_declares_its_pixel_range(trained):
+    """The small CLIP saw pixels in [-1, 1]; its folder says so to any CLIPImageProcessor."""
+    import json
+
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    folder = trained / "model" / "clip"
+    side = json.loads((folder / "config.json").read_text())["vision_config"]["image_size"]
+    array = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    pixels = CLIPImageProcessor.from_pretrained(folder)(images=Image.fromarray(array), return_tensors="np")["pixel_values"][0]
+    assert np.abs(pixels - (array.transpose(2, 0, 1) / 255 * 2 - 1)).max() < 1e-5

@@ -10,7 +10,7 @@ embedded with sdgen's own model (`data/embedded/clip/`, tokenizer in `data/embed
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -121,14 +121,11 @@ def _tokenizer(folder: Path, max_positions: int) -> CLIPTokenizer:
 
 
 def _preprocess(folder: Path, image_size: int) -> CLIPImagePreprocess:
-    """The folder's preprocessor_config.json, else CLIP's defaults at the tower's image size. The embedded
-    CLIP was trained on pixels in [-1, 1] (sdgen.train.data), i.e. mean 0.5 and std 0.5."""
+    """The folder's preprocessor_config.json (the embedded CLIP's says mean and std 0.5), else CLIP's
+    defaults at the tower's image size."""
     file = folder / "preprocessor_config.json"
     if not file.is_file():
-        preprocess = CLIPImagePreprocess.for_image_size(image_size)
-        if folder.resolve() == default_clip_path().resolve():
-            preprocess = replace(preprocess, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-        return preprocess
+        return CLIPImagePreprocess.for_image_size(image_size)
     try:
         return CLIPImagePreprocess.from_config(json.loads(file.read_text(encoding="utf-8")), image_size)
     except (ValueError, TypeError, KeyError, json.JSONDecodeError) as error:

@@ -73,6 +73,13 @@ def write_diffusers_folder(out: Path, *, unet: UNet, vae: AutoencoderKL, clip: C
         })
         _write_json(staging / "clip" / "config.json", clip.config.to_transformers())
         _save_weights(staging / "clip" / "model.safetensors", clip)
+        side = clip.config.vision.image_size  # trained on pixels in [-1, 1]: mean and std 0.5
+        _write_json(staging / "clip" / "preprocessor_config.json", {
+            "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": side},
+            "crop_size": {"height": side, "width": side}, "resample": 3, "do_resize": True,
+            "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
+        })
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
