@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -15,6 +11,7 @@ from sdgen.models.clip import CLIPModel
 from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.models.unet import UNet
 from sdgen.models.vae import AutoencoderKL
+from sdgen.runtime.files import folder_written_atomically, write_json
 
 DIFFUSERS_VERSION = "0.42.1"  # the format version we write, as diffusers records it
 
@@ -22,11 +19,6 @@ DIFFUSERS_VERSION = "0.42.1"  # the format version we write, as diffusers record
 def default_model_folder() -> Path:
     """Where the embedded model lives inside the installed package."""
     return Path(__file__).resolve().parent.parent / "data" / "embedded"
-
-
-def _write_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def _save_weights(path: Path, module: torch.nn.Module, keep=lambda key: True, dtype=torch.float16) -> None:
@@ -40,9 +32,8 @@ def write_diffusers_folder(out: Path, *, unet: UNet, vae: AutoencoderKL, clip: C
     """Write model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ and clip/
     (the whole small CLIP, for ranking) into `out`, replacing it only once complete."""
     out = Path(out)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent if out.parent.exists() else None))
-    try:
-        _write_json(staging / "model_index.json", {
+    with folder_written_atomically(out) as staging:
+        write_json(staging / "model_index.json", {
             "_class_name": "StableDiffusionPipeline",
             "_diffusers_version": DIFFUSERS_VERSION,
             "feature_extractor": [None, None],
@@ -55,15 +46,15 @@ def write_diffusers_folder(out: Path, *, unet: UNet, vae: AutoencoderKL, clip: C
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
         })
-        _write_json(staging / "unet" / "config.json", {**unet.cfg.to_diffusers(), "_diffusers_version": DIFFUSERS_VERSION})
+        write_json(staging / "unet" / "config.json", {**unet.cfg.to_diffusers(), "_diffusers_version": DIFFUSERS_VERSION})
         _save_weights(staging / "unet" / "diffusion_pytorch_model.safetensors", unet)
         vae_config = {**vae.cfg.to_diffusers(), "scaling_factor": scaling_factor, "_diffusers_version": DIFFUSERS_VERSION}
-        _write_json(staging / "vae" / "config.json", vae_config)
+        write_json(staging / "vae" / "config.json", vae_config)
         _save_weights(staging / "vae" / "diffusion_pytorch_model.safetensors", vae)
-        _write_json(staging / "text_encoder" / "config.json", {**clip.config.text.to_transformers(), "torch_dtype": "float32"})
+        write_json(staging / "text_encoder" / "config.json", {**clip.config.text.to_transformers(), "torch_dtype": "float32"})
         _save_weights(staging / "text_encoder" / "model.safetensors", clip, keep=lambda k: k.startswith("text_model."))
         tokenizer.save_folder(staging / "tokenizer")
-        _write_json(staging / "scheduler" / "scheduler_config.json", {
+        write_json(staging / "scheduler" / "scheduler_config.json", {
             "_class_name": "EulerDiscreteScheduler",
             "_diffusers_version": DIFFUSERS_VERSION,
             "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -71,19 +62,13 @@ def write_diffusers_folder(out: Path, *, unet: UNet, vae: AutoencoderKL, clip: C
             "timestep_spacing": "linspace", "interpolation_type": "linear", "use_karras_sigmas": False,
             "clip_sample": False, "set_alpha_to_one": False, "trained_betas": None,
         })
-        _write_json(staging / "clip" / "config.json", clip.config.to_transformers())
+        write_json(staging / "clip" / "config.json", clip.config.to_transformers())
         _save_weights(staging / "clip" / "model.safetensors", clip)
         side = clip.config.vision.image_size  # trained on pixels in [-1, 1]: mean and std 0.5
-        _write_json(staging / "clip" / "preprocessor_config.json", {
+        write_json(staging / "clip" / "preprocessor_config.json", {
             "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": side},
             "crop_size": {"height": side, "width": side}, "resample": 3, "do_resize": True,
             "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
         })
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

@@ -3,10 +3,6 @@ both readable by sdgen, diffusers and AUTOMATIC1111."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +15,7 @@ from sdgen.models.clip import CLIPTextConfig
 from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.models.unet import UNetConfig
 from sdgen.models.vae import VAEConfig
-from sdgen.runtime.files import write_bytes_atomically
+from sdgen.runtime.files import folder_written_atomically, write_bytes_atomically, write_json
 from sdgen.train.export import DIFFUSERS_VERSION
 
 
@@ -37,19 +33,13 @@ def updated_parts(parts: CheckpointParts, unet: torch.nn.Module, text_encoder: t
     return replace(parts, unet_state=_weights(unet.state_dict(), dtype), text_encoders=text_encoders)
 
 
-def _json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
 def write_diffusers_folder(parts: CheckpointParts, tokenizer: CLIPTokenizer, out: str | Path) -> Path:
     """model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ of an SD 1.x / 2.x model,
     written aside and renamed into place once complete."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".finetuned-", dir=out.parent))
-    try:
-        _json(staging / "model_index.json", {
+    with folder_written_atomically(out) as staging:
+        write_json(staging / "model_index.json", {
             "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
             "feature_extractor": [None, None], "safety_checker": [None, None], "image_encoder": [None, None],
             "requires_safety_checker": False, "scheduler": ["diffusers", "EulerDiscreteScheduler"],
@@ -57,27 +47,21 @@ def write_diffusers_folder(parts: CheckpointParts, tokenizer: CLIPTokenizer, out
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         })
         unet_config = UNetConfig.from_diffusers(parts.unet_config).to_diffusers()
-        _json(staging / "unet" / "config.json", {**unet_config, "_diffusers_version": DIFFUSERS_VERSION})
+        write_json(staging / "unet" / "config.json", {**unet_config, "_diffusers_version": DIFFUSERS_VERSION})
         save_file(parts.unet_state, str(staging / "unet" / "diffusion_pytorch_model.safetensors"), {"format": "pt"})
         vae_config = {**VAEConfig.from_diffusers(parts.vae_config).to_diffusers(),
                       "scaling_factor": parts.vae_config.get("scaling_factor", 0.18215)}
-        _json(staging / "vae" / "config.json", {**vae_config, "_diffusers_version": DIFFUSERS_VERSION})
+        write_json(staging / "vae" / "config.json", {**vae_config, "_diffusers_version": DIFFUSERS_VERSION})
         save_file(_weights(parts.vae_state, next(iter(parts.vae_state.values())).dtype),
                   str(staging / "vae" / "diffusion_pytorch_model.safetensors"), {"format": "pt"})
         text_config, text_state = parts.text_encoders[0]
-        _json(staging / "text_encoder" / "config.json", CLIPTextConfig.from_transformers(text_config).to_transformers())
+        write_json(staging / "text_encoder" / "config.json", CLIPTextConfig.from_transformers(text_config).to_transformers())
         save_file(_weights(text_state, next(iter(text_state.values())).dtype),
                   str(staging / "text_encoder" / "model.safetensors"), {"format": "pt"})
         tokenizer.save_folder(staging / "tokenizer")
         scheduler = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
                      **{k: v for k, v in parts.scheduler_config.items() if not k.startswith("_")}}
-        _json(staging / "scheduler" / "scheduler_config.json", scheduler)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_json(staging / "scheduler" / "scheduler_config.json", scheduler)
     return out
 
 
