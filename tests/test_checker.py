@@ -72,6 +72,22 @@ def test_claims_of_another_caption_mostly_fail(rendered):
         assert rates[category] <= 0.1, rates
 
 
+def test_blurred_colour_noise_fails_the_claims():
+    """An untrained model draws blurred colour noise: dozens of palette blobs of every colour and
+    shape. None of a shapes caption's claims may hold on it; landscape claims only by chance."""
+    from sdgen.train.scenes import heldout_prompts
+
+    results = []
+    for i, prompt in enumerate(heldout_prompts(150)):
+        rng = np.random.default_rng(i)
+        side = int(rng.integers(4, 12))
+        noise = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+        results += check_caption(noise.resize((64, 64), Image.Resampling.BICUBIC), prompt)
+    rates = _rates(results)
+    assert all(rates[c] == 0.0 for c in CATEGORIES if c not in ("landscape", "all")), rates
+    assert rates["landscape"] <= 0.3 and rates["all"] <= 0.1, rates
+
+
 def test_mild_blur_and_noise_keep_shapes_claims():
     """Generated images are soft: a blurred, noisy render still passes its shapes claims."""
     results = []

@@ -44,6 +44,7 @@ def folder_written_atomically(out: str | os.PathLike) -> Iterator[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would make the result private to its writer
     try:
         yield staging
         old = staging.with_name(staging.name + ".old")

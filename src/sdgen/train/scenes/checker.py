@@ -20,6 +20,10 @@ from sdgen.train.scenes.vocabulary import (
 )
 
 RELATION_MARGIN = 0.05  # least centroid offset along the relation's axis, in image sides
+# Rendered scenes show exactly the objects their captions count; blurred colour noise shows
+# dozens of palette blobs, some of every colour and shape. Past this many extra objects an image
+# is clutter, and none of its shapes claims holds.
+MAX_EXTRA_OBJECTS = 2
 
 
 @dataclass(frozen=True)
@@ -218,12 +222,13 @@ def _check_landscape_claim(view: _Image, element: str) -> bool:
 def check(image, claims: list[Claim], size: int = 64) -> list[ClaimResult]:
     """Which of `claims` hold in `image` (PIL or array, any size, resampled to size x size)."""
     view = _Image(as_rgb_array(image, size))
+    described = sum(claim.value for claim in claims if claim.category == "count")
     results = []
     for claim in claims:
         if claim.category == "landscape":
             holds = _check_landscape_claim(view, claim.value)
         else:
-            holds = _check_shapes_claim(view, claim)
+            holds = len(view._objects[0]) <= described + MAX_EXTRA_OBJECTS and _check_shapes_claim(view, claim)
         results.append(ClaimResult(claim, bool(holds)))
     return results
 
