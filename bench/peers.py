@@ -1,5 +1,6 @@
 """Peers beyond diffusers: OpenVINO (the reference U-Net converted) and stable-diffusion.cpp.
 
+stable-diffusion.cpp is built and run by `sdcpp.py`; here its figures join the report.
 Each peer is optional: when it cannot run here, `unavailable` says why, and the results table
 records that sentence instead of a figure.
 """
@@ -7,14 +8,18 @@ records that sentence instead of a figure.
 from __future__ import annotations
 
 import copy
-import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+import sdcpp
+from timing import Timings, busy
+
 unavailable: dict[str, str] = {}  # peer name -> why it did not run
+SDCPP = "sd.cpp"
 
 
 @dataclass
@@ -75,10 +80,67 @@ def openvino_unet(unet: torch.nn.Module, inputs: tuple[torch.Tensor, ...], preci
     return ConvertedUNet(lambda: request.infer(feeds), convert_s, compile_s)
 
 
+def sdcpp_built() -> bool:
+    """True when stable-diffusion.cpp's CLI is already built (`bash bench/setup.sh`)."""
+    return sdcpp.find_binary() is not None
+
+
 def sdcpp_status() -> str:
-    """Why stable-diffusion.cpp has no figure in this run."""
-    if not shutil.which("cmake"):
-        return "not built: cmake is not installed"
-    return ("not automated yet: building it from the stable-diffusion-cpp-python source package (cmake, in a "
-            "temporary folder) and converting the random folder to a single file are still to be scripted; "
-            "the issue's clean-machine figure is ~43 s per U-Net step at 512x512")
+    """Why stable-diffusion.cpp has no figure in a run that did not ask for it."""
+    how = "it is built from the stable-diffusion-cpp-python source package on first use, or by `bash bench/setup.sh`"
+    return f"not run: add `--peers sdcpp` ({how})"
+
+
+def bench_sdcpp(folder: Path, workdir: Path, report, *, smoke: bool, size: int, steps: int, threads: int,
+                log: Callable[[str], None]) -> None:
+    """stable-diffusion.cpp's CLI on the same random-weight model, each run in its own process, in the report.
+
+    Its figures are not interleaved with diffusers: each row pairs it with the median diffusers
+    time of the same workload from this run's interleaved table (f32 against diffusers fp32,
+    f16 and q8_0 against diffusers bf16, the low-precision peer).
+    """
+    if smoke:
+        unavailable[SDCPP] = ("sd.cpp builds the published SD 1.x shapes only (its U-Net widths are fixed in its "
+                              "code), so the smoke run's tiny model cannot run in it")
+        return
+    try:
+        binary = sdcpp.find_binary() or sdcpp.build(jobs=1 if busy() else 2, log=log)
+        log(f"sd.cpp: writing or reusing the single-file model of {folder.name}")
+        model = sdcpp.single_file(folder, workdir / f"{folder.name}.safetensors")
+    except (sdcpp.SdcppError, OSError) as error:
+        unavailable[SDCPP] = str(error)
+        return
+    for weight_type in sdcpp.WEIGHT_TYPES:
+        try:
+            figures = sdcpp.measure(binary, model, weight_type, size=size, threads=threads, workdir=workdir, log=log)
+        except sdcpp.SdcppError as error:
+            unavailable[f"{SDCPP} {weight_type}"] = str(error)
+            continue
+        add_sdcpp_rows(report, figures, steps)
+
+
+def add_sdcpp_rows(report, figures: sdcpp.SdcppFigures, steps: int) -> None:
+    """One row per workload next to the same run's diffusers median; memory and how the figures were derived."""
+    group = "fp32" if figures.weight_type == "f32" else "bf16"
+    name, size = f"sd.cpp {figures.weight_type}", figures.size
+    for prefix, seconds in ((f"U-Net step {size}x{size}, batch 2", figures.per_step_s),
+                            ("text encoding (prompt + negative)", figures.text_s),
+                            (f"VAE decode {size}x{size}", min(figures.decode_s)),
+                            (f"txt2img {size}x{size}, {steps} Euler steps", figures.txt2img_s(steps))):
+        baseline = next((t for t, dtype in report.rows if dtype == group and t.workload.startswith(prefix)
+                         and f"diffusers {group}" in t.seconds), None)
+        timings = Timings(f"{prefix} (sd.cpp: own process, vs this run's diffusers median)")
+        if baseline is not None:
+            timings.seconds[f"diffusers {group}"] = [baseline.median(f"diffusers {group}")]
+            timings.flops = baseline.flops
+        timings.seconds[name] = [seconds]
+        report.add(timings, group)
+    one, many = figures.one_step, figures.n_steps
+    report.memory(f"{name} ({size}x{size}, {figures.steps} steps)",
+                  {"load_s": many.seconds["load"], "peak_gib": many.peak_gib,
+                   "rss_loaded_gib": many.rss_loaded_gib if many.rss_loaded_gib is not None else float("nan")}, None)
+    report.note(f"{name}: U-Net step = (sampling {figures.steps} steps {many.seconds['sampling']:.1f} s - sampling "
+                f"1 step {one.seconds['sampling']:.1f} s) / {figures.steps - 1} (each step runs the conditional and "
+                f"unconditional passes at batch 1); txt2img {steps} steps extrapolated = 1-step total "
+                f"{one.seconds['total']:.1f} s + {steps - 1} x step; load {many.seconds['load']:.1f} s includes "
+                f"converting the fp16 file's weights to {figures.weight_type}")

@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py                 # full run, SD 1.5 shapes, writes bench/RESULTS.md
     .venv/bin/python bench/run.py --sdxl          # also SDXL's U-Net step at 1024x1024 and its memory
     .venv/bin/python bench/run.py --smoke         # tiny models, a few iterations (CI: tests/test_bench_smoke.py)
+    .venv/bin/python bench/run.py --peers sdcpp   # stable-diffusion.cpp only as a peer (built on first use)
 
 Random weights with the published full-size shapes are written once as a diffusers folder of
 fp16 safetensors (no downloads); both systems load that folder. Timings in one process
@@ -262,8 +263,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sdgen-bench",
                         help="where the random-weight model folders are written and kept")
     parser.add_argument("--rounds", type=int, help="timed rounds per comparison")
-    parser.add_argument("--peers", help="comma-separated extra peers: openvino, or none (default: openvino; "
-                        "none with --smoke)")
+    parser.add_argument("--peers", help="comma-separated extra peers: openvino, sdcpp, or none (default: openvino, "
+                        "and sdcpp once `bash bench/setup.sh` has built it; none with --smoke)")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: fp32,bf16,memory,peak")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores; 1 with --smoke, where "
                         "tiny ops would mostly wait on each other)")
@@ -275,7 +276,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--fast", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.peers = args.peers if args.peers is not None else ("none" if args.smoke else "openvino")
+    default_peers = "openvino,sdcpp" if peers.sdcpp_built() else "openvino"
+    args.peers = args.peers if args.peers is not None else ("none" if args.smoke else default_peers)
     args.peers = [] if args.peers in ("", "none") else args.peers.split(",")
     args.threads = args.threads or (1 if args.smoke else os.cpu_count())
     args.skip = set(filter(None, args.skip.split(",")))
@@ -313,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     for dtype_name in ("fp32", "bf16"):
         if dtype_name not in args.skip:
             bench_dtype(args, spec, folder, dtype_name, report, fp32_images)
+    if "sdcpp" in args.peers:  # stable-diffusion.cpp's CLI, each run in its own process (bench/sdcpp.py)
+        peers.bench_sdcpp(folder, args.workdir, report, smoke=args.smoke, size=max(args.unet_sizes),
+                          steps=args.steps, threads=args.threads, log=log)
     if "memory" not in args.skip:
         measure_memory(args, folder, report)
     if args.sdxl:
@@ -320,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         if "memory" not in args.skip:
             sdxl_and_tiled_memory(args, report)
     report.unavailable.update(peers.unavailable)
-    if not args.smoke:
-        report.unavailable.setdefault("stable-diffusion.cpp", peers.sdcpp_status())
+    if not args.smoke and "sdcpp" not in args.peers:
+        report.unavailable.setdefault(peers.SDCPP, peers.sdcpp_status())
     report.end_line = machine_line()
     text = report.markdown()
     out = args.out or (None if args.smoke else Path(__file__).resolve().parent / "RESULTS.md")
