@@ -9,8 +9,18 @@ embeds with its own sinusoid:
 - refiner: original height, width, crop top, left, aesthetic score (5 numbers).
 AUTOMATIC1111 1.10 (`sd_models_xl.get_learned_conditioning`) passes the generation size as both
 original and target size, crop (0, 0) and aesthetic scores 6 (prompt) / 2.5 (negative prompt);
-diffusers' SDXL pipelines have the same defaults. Prompts are cut at 77 tokens as diffusers does
-(A1111 cuts long prompts into chunks; for prompts of up to 75 tokens the two agree).
+diffusers' SDXL pipelines have the same defaults.
+
+Prompts are written in A1111's prompt language, as its SDXL embedders read them
+(`sd_hijack_clip.FrozenCLIPEmbedderForSDXLWithCustomWords`, `sd_hijack_open_clip.
+FrozenOpenCLIPEmbedder2WithCustomWords`): each encoder runs its own `PromptEncoder` (emphasis,
+BREAK, 75-token chunks, textual inversions by their "clip_l" / "clip_g" vectors), so the emphasis
+mean restore is per encoder; the chunks' contexts are concatenated along the sequence axis, and
+the pooled embedding is the last encoder's of the first chunk, without emphasis (`zs[0].pooled`).
+Prompt and negative prompt get the same chunk count by appending the empty prompt's encoding
+(A1111's "pad prompt/negative prompt", whose `cond_stage_model_empty_prompt` is the encoded "",
+also after a zeroed negative prompt). Diffusers cuts prompts at 77 tokens and knows no emphasis;
+for prompts of up to 75 tokens without emphasis the two agree bit for bit.
 
 An empty negative prompt: A1111 1.10 zeroes its embeddings (`force_zero_embeddings` when every
 negative prompt of the batch is ""), and so do diffusers' SDXL pipelines when no negative prompt
@@ -29,8 +39,13 @@ import torch
 from sdgen.models.clip import CLIPTextModel
 from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.pipelines.request import RequestError
+from sdgen.prompting.embeddings import Embedding, EmbeddingLibrary
+from sdgen.prompting.encode import CHUNK_LENGTH, PromptEncoder, pad_to_same_length
+from sdgen.prompting.parse import extract_extra_networks
 
 BASE_IDS, REFINER_IDS = 6, 5  # time ids of the base U-Net and of the refiner's
+CHUNK_TOKENS = CHUNK_LENGTH + 2  # one chunk's context rows: start, 75 tokens, end
+Embeddings = EmbeddingLibrary | Sequence[Embedding] | None
 
 
 @dataclass(frozen=True)
@@ -109,16 +124,21 @@ def time_ids(options: SDXLOptions, width: int, height: int, count: int, *, negat
     return torch.tensor([values], dtype=torch.float32)
 
 
+EMBEDDING_KEYS = ("clip_l", "clip_g")  # SDXL embedding files: vectors of the ViT-L and of the bigG encoder
+
+
 class SDXLTextEncoder:
-    """The text side of an SDXL model: one tokenizer per encoder, penultimate states concatenated,
-    pooled projection of the last encoder."""
+    """The text side of an SDXL model: one tokenizer per encoder, A1111's prompt language per
+    encoder, penultimate states concatenated along the width, pooled projection of the last encoder."""
 
     def __init__(self, encoders: Sequence[CLIPTextModel], tokenizers: Sequence[CLIPTokenizer]) -> None:
-        if not encoders or len(encoders) != len(tokenizers):
-            raise ValueError("SDXL needs one tokenizer per text encoder")
+        if not 1 <= len(encoders) <= len(EMBEDDING_KEYS) or len(encoders) != len(tokenizers):
+            raise ValueError("SDXL needs one or two text encoders, each with its tokenizer")
         if encoders[-1].text_projection is None:
             raise ValueError("SDXL's last text encoder needs a text projection (its pooled embedding)")
         self.encoders, self.tokenizers = list(encoders), list(tokenizers)
+        self._prompt_encoders: list[PromptEncoder] | None = None
+        self._embeddings: Embeddings = None
 
     @property
     def width(self) -> int:
@@ -129,27 +149,41 @@ class SDXLTextEncoder:
     def pooled_width(self) -> int:
         return self.encoders[-1].config.projection_dim
 
-    def encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context (1, 77, width), pooled text_embeds (1, projection_dim)) of one prompt."""
-        states, pooled = [], None
-        with torch.inference_mode():
-            for encoder, tokenizer in zip(self.encoders, self.tokenizers):
-                ids = tokenizer([text]).to(encoder.text_model.embeddings.token_embedding.weight.device)
-                out = encoder(ids)
-                states.append(out.penultimate)
-                pooled = out.text_embeds
-        return torch.cat(states, dim=-1), pooled
+    def prompt_encoders(self, embeddings: Embeddings = None) -> list[PromptEncoder]:
+        """One PromptEncoder per text encoder (the refiner's bigG reads "clip_g" vectors), kept
+        until `embeddings` changes. SDXL takes the raw penultimate layer; A1111 ignores clip skip."""
+        if self._prompt_encoders is None or embeddings is not self._embeddings:
+            keys = EMBEDDING_KEYS[len(EMBEDDING_KEYS) - len(self.encoders):]
+            self._prompt_encoders = [PromptEncoder(tokenizer, encoder, embeddings, embedding_key=key, layer="penultimate")
+                                     for encoder, tokenizer, key in zip(self.encoders, self.tokenizers, keys)]
+            self._embeddings = embeddings
+        return self._prompt_encoders
 
-    def encode_pair(self, prompt: str, negative_prompt: str | None, zero_negative: bool
+    def encode(self, text: str, embeddings: Embeddings = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (1, 77 * chunks, width), pooled text_embeds (1, projection_dim)) of one prompt;
+        `<lora:...>` tags are not encoded."""
+        text = extract_extra_networks(text)[0]
+        contexts, pooled = [], None
+        for encoder in self.prompt_encoders(embeddings):
+            context, pooled = encoder.encode_with_pooled([text])
+            contexts.append(context)
+        return torch.cat(contexts, dim=-1), pooled
+
+    def encode_pair(self, prompt: str, negative_prompt: str | None, zero_negative: bool, embeddings: Embeddings = None
                     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
-        """Encodings of the prompt and (None: no guidance) the negative prompt; an empty negative
-        prompt gives zeros when `zero_negative` is set."""
-        cond = self.encode(prompt)
+        """Encodings of the prompt and (None: no guidance) the negative prompt, contexts padded to
+        the same chunk count; an empty negative prompt gives zeros when `zero_negative` is set."""
+        cond = self.encode(prompt, embeddings)
         if negative_prompt is None:
             return cond, None
-        if negative_prompt == "" and zero_negative:
-            return cond, (torch.zeros_like(cond[0]), torch.zeros_like(cond[1]))
-        return cond, self.encode(negative_prompt)
+        if extract_extra_networks(negative_prompt)[0] == "" and zero_negative:
+            uncond = torch.zeros_like(cond[0][:, :CHUNK_TOKENS]), torch.zeros_like(cond[1])
+        else:
+            uncond = self.encode(negative_prompt, embeddings)
+        if cond[0].shape[1] == uncond[0].shape[1]:
+            return cond, uncond
+        context, negative_context = pad_to_same_length(cond[0], uncond[0], self.encode("", embeddings)[0])
+        return (context, cond[1]), (negative_context, uncond[1])
 
 
 def parse_size(text: str) -> tuple[int, int]:

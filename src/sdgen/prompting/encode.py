@@ -190,9 +190,11 @@ class PromptEncoder:
                 zf = zf * (original_mean / new_mean)
         return zf.to(z.dtype)
 
-    def encode_batch(self, texts: Sequence[str], clip_skip: int = 1) -> torch.Tensor:
-        """Contexts (len(texts), 77 * chunks, width) of texts encoded together, as webui encodes
-        the texts of one prompt schedule (same chunk count, shared mean restore)."""
+    def _encode(self, texts: Sequence[str], clip_skip: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contexts (len(texts), 77 * chunks, width) and pooled embeddings (len(texts), dim) of texts
+        encoded together, under the caller's autograd mode. The pooled embedding is the first
+        chunk's, before emphasis (webui's `zs[0].pooled`): projected `text_embeds` when the
+        encoder has a projection."""
         if not texts:
             raise ValueError("no texts to encode")
         counts = Counter(texts)
@@ -200,16 +202,32 @@ class PromptEncoder:
         tokenized = [self.tokenize(text)[0] for text in distinct]
         device = self.text_encoder.text_model.embeddings.token_embedding.weight.device
         count_tensor = torch.tensor([counts[t] for t in distinct], dtype=torch.float32, device=device)
-        parts = []
-        with torch.inference_mode():
-            for i in range(max(len(chunks) for chunks in tokenized)):
-                rows = [chunks[i] if i < len(chunks) else self.empty_chunk() for chunks in tokenized]
-                z = getattr(self._encode_chunks(rows, clip_skip), self.layer)
-                weights = torch.tensor([r.weights for r in rows], dtype=torch.float32, device=device)
-                parts.append(self._emphasis(z, weights, count_tensor))
-            contexts = torch.cat(parts, dim=1)
+        parts, pooled = [], None
+        for i in range(max(len(chunks) for chunks in tokenized)):
+            rows = [chunks[i] if i < len(chunks) else self.empty_chunk() for chunks in tokenized]
+            out = self._encode_chunks(rows, clip_skip)
+            if pooled is None:
+                pooled = out.text_embeds if out.text_embeds is not None else out.pooled
+            weights = torch.tensor([r.weights for r in rows], dtype=torch.float32, device=device)
+            parts.append(self._emphasis(getattr(out, self.layer), weights, count_tensor))
+        contexts = torch.cat(parts, dim=1)
+        if len(distinct) == len(texts):  # no repeats: the rows are already in the texts' order
+            return contexts, pooled
         index = {text: row for row, text in enumerate(distinct)}
-        return contexts[[index[text] for text in texts]]
+        rows = [index[text] for text in texts]
+        return contexts[rows], pooled[rows]
+
+    def encode_batch(self, texts: Sequence[str], clip_skip: int = 1) -> torch.Tensor:
+        """Contexts (len(texts), 77 * chunks, width) of texts encoded together, as webui encodes
+        the texts of one prompt schedule (same chunk count, shared mean restore)."""
+        with torch.inference_mode():
+            return self._encode(texts, clip_skip)[0]
+
+    def encode_with_pooled(self, texts: Sequence[str], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode_batch`'s contexts and each text's pooled embedding (first chunk, no emphasis), as
+        webui's SDXL embedders return them (`torch.hstack(zs), zs[0].pooled`)."""
+        with torch.inference_mode():
+            return self._encode(texts, clip_skip)
 
     def encode(self, text: str, clip_skip: int = 1) -> torch.Tensor:
         """Context (1, 77 * chunks, width) of one prompt (emphasis, BREAK, embeddings applied)."""
