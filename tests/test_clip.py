@@ -106,6 +106,42 @@ def test_text_tower_full_vocabulary_with_real_token_ids():
         assert_close(f"full vocab eos={eos} pooled", out.pooled, expected.pooler_output)
 
 
+def test_inputs_embeds_equal_ids_and_new_vectors_match_an_enlarged_vocabulary():
+    """`inputs_embeds` as transformers' CLIPTextEmbeddings takes them: the ids' own embeddings give the
+    same outputs bit for bit; new vectors at some positions equal transformers' model whose token
+    table has those vectors appended as new ids (how textual inversion works), and carry gradients."""
+    config = ref.text_config(hidden_act="gelu", eos_token_id=999)
+    reference = ref.text_model(config, projection=True, seed=4)
+    ours = ours_from(reference, CLIPTextModel, CLIPTextConfig.from_transformers(ref.config_json(reference)))
+    ids = random_ids(1000, eos=999, pad=0)
+    with torch.no_grad():
+        plain = ours(ids, clip_skip=2)
+        same = ours(ids, clip_skip=2, inputs_embeds=ours.text_model.embeddings.token_embedding(ids))
+    for field in ("hidden_states", "penultimate", "pooled", "text_embeds"):
+        assert torch.equal(getattr(plain, field), getattr(same, field)), field
+    vectors = torch.randn(3, 32, generator=torch.Generator().manual_seed(1)) * 0.3
+    enlarged_config = ref.text_config(vocab_size=1003, hidden_act="gelu", eos_token_id=999, bos_token_id=998)
+    enlarged = ref.text_model(enlarged_config, projection=True, seed=4)
+    state = reference.state_dict()
+    key = "text_model.embeddings.token_embedding.weight"
+    enlarged.load_state_dict({**state, key: torch.cat([state[key], vectors])}, strict=True)
+    new_ids = ids.clone()
+    new_ids[1, 2:5] = torch.tensor([1000, 1001, 1002])  # row 1 ends at 40
+    embeds = ours.text_model.embeddings.token_embedding(ids).detach().clone()
+    embeds[1, 2:5] = vectors
+    embeds.requires_grad_(True)
+    out = ours(ids, inputs_embeds=embeds)
+    with torch.no_grad():
+        expected = enlarged(new_ids, output_hidden_states=True)
+    assert_close("inputs_embeds last hidden", out.hidden_states.detach(), expected.last_hidden_state)
+    assert_close("inputs_embeds penultimate", out.penultimate.detach(), expected.hidden_states[-2])
+    assert_close("inputs_embeds text_embeds", out.text_embeds.detach(), expected.text_embeds)
+    out.hidden_states[1].sum().backward()
+    assert embeds.grad[1, 2:5].abs().sum() > 0 and not embeds.grad[0].any()  # rows do not mix
+    with pytest.raises(ValueError, match="inputs_embeds must have shape"):
+        ours(ids, inputs_embeds=embeds[:, :10])
+
+
 def test_tolerance_catches_a_wrong_activation():
     config = ref.text_config(hidden_act="quick_gelu")
     reference = ref.text_model(config, projection=False)

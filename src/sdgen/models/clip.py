@@ -305,9 +305,10 @@ class TextEmbeddings(_PositionIdsIgnored):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.01)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.token_embedding(input_ids) + self.position_embedding(positions)
+        tokens = self.token_embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        return tokens + self.position_embedding(positions)
 
 
 class TextTransformer(nn.Module):
@@ -320,7 +321,8 @@ class TextTransformer(nn.Module):
         self.encoder = Encoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> TextEncoderOutput:
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1,
+                inputs_embeds: torch.Tensor | None = None) -> TextEncoderOutput:
         cfg = self.config
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids must be integer ids of shape (batch, length), got {tuple(input_ids.shape)}")
@@ -328,7 +330,10 @@ class TextTransformer(nn.Module):
             raise ValueError(f"input_ids length {input_ids.shape[1]} is outside 1..{cfg.max_positions} positions")
         if type(clip_skip) is not int or not 1 <= clip_skip <= cfg.num_layers:
             raise ValueError(f"clip_skip must be an integer in 1..{cfg.num_layers}, got {clip_skip!r}")
-        states = self.encoder(self.embeddings(input_ids), causal=True)
+        if inputs_embeds is not None and tuple(inputs_embeds.shape) != (*input_ids.shape, cfg.hidden_size):
+            raise ValueError(f"inputs_embeds must have shape {(*input_ids.shape, cfg.hidden_size)} (the ids' "
+                             f"shape plus the width), got {tuple(inputs_embeds.shape)}")
+        states = self.encoder(self.embeddings(input_ids, inputs_embeds), causal=True)
         last = self.final_layer_norm(states[-1])
         # AUTOMATIC1111's clip skip: the output of layer -k, normalised by the final layer norm.
         hidden = last if clip_skip == 1 else self.final_layer_norm(states[-clip_skip])
@@ -352,8 +357,11 @@ class CLIPTextModel(nn.Module):
         if config.projection_dim is not None:
             self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> TextEncoderOutput:
-        out = self.text_model(input_ids, clip_skip)
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1, *,
+                inputs_embeds: torch.Tensor | None = None) -> TextEncoderOutput:
+        """Outputs for token ids; `inputs_embeds` (batch, length, width), when given, replaces their
+        token embeddings (textual inversion), the ids still mark the end token the pooled output takes."""
+        out = self.text_model(input_ids, clip_skip, inputs_embeds)
         return out if self.text_projection is None else replace(out, text_embeds=self.text_projection(out.pooled))
 
 

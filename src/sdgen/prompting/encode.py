@@ -159,22 +159,15 @@ class PromptEncoder:
             after = torch.arange(ids.shape[1], device=device) > first_end
             ids = ids.masked_fill(after, self.tokenizer.pad_id)
         fixes = [(row, offset, e.vectors_for(self.embedding_key)) for row, c in enumerate(chunks) for offset, e in c.fixes]
-
-        def put_vectors(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            output = output.clone()
-            for row, offset, vectors in fixes:
-                count = min(output.shape[1] - offset - 1, vectors.shape[0])
-                output[row, offset + 1:offset + 1 + count] = vectors[:count].to(output.device, output.dtype)
-            return output
-
-        # A forward hook on the token embedding stands in for an inputs_embeds argument.
-        token_embedding = self.text_encoder.text_model.embeddings.token_embedding
-        handle = token_embedding.register_forward_hook(put_vectors) if fixes else None
-        try:
+        if not fixes:
             return self.text_encoder(ids, clip_skip=clip_skip)
-        finally:
-            if handle is not None:
-                handle.remove()
+        # The embedding's vectors replace the placeholder tokens' (offset + 1: after the start token),
+        # written into the token embeddings, whence gradients reach the vectors when they are trained.
+        embeds = self.text_encoder.text_model.embeddings.token_embedding(ids)
+        for row, offset, vectors in fixes:
+            count = min(embeds.shape[1] - offset - 1, vectors.shape[0])
+            embeds[row, offset + 1:offset + 1 + count] = vectors[:count].to(embeds.device, embeds.dtype)
+        return self.text_encoder(ids, clip_skip=clip_skip, inputs_embeds=embeds)
 
     def _emphasis(self, z: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """webui's "Original" emphasis over a batch whose rows occur `counts` times."""
