@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
@@ -59,3 +60,18 @@ def make_reference_pipeline(family: str, workdir: Path, seed: int = 0) -> Stable
 def save_folder(pipeline: StableDiffusionPipeline, folder: Path) -> Path:
     pipeline.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def reference_euler_image(folder: Path, prompt: str, seed: int, steps: int, cfg_scale: float, side: int,
+                          sigma_max: float) -> np.ndarray:
+    """diffusers' StableDiffusionPipeline on a folder with Euler over linspace timesteps (A1111's
+    and sdgen's "Euler"), started from sdgen's seeded CPU noise: (side, side, 3) floats in [0, 1]."""
+    reference = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config, timestep_spacing="linspace")
+    reference.scheduler.set_timesteps(steps)
+    latent_side = side // (2 ** (len(reference.vae.config.block_out_channels) - 1))
+    noise = torch.randn((1, 4, latent_side, latent_side), generator=torch.Generator().manual_seed(seed))
+    latents = noise * sigma_max / reference.scheduler.init_noise_sigma
+    return reference(prompt, num_inference_steps=steps, guidance_scale=cfg_scale, height=side, width=side,
+                     latents=latents, output_type="np").images[0]

@@ -84,20 +84,12 @@ def test_rerun_resumes_without_training_again(trained, monkeypatch):
 
 
 def test_reference_pipeline_loads_export_and_draws_the_same_image(trained):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from reference_pipelines import reference_euler_image
 
     ours = sdgen.load(trained / "model")
     prompt, seed, steps = "a red circle above a blue square", 3, 4
     image = np.asarray(ours.generate(prompt=prompt, seed=seed, steps=steps, sampler="Euler", cfg_scale=5.0).images[0])
-
-    reference = StableDiffusionPipeline.from_pretrained(trained / "model", local_files_only=True)
-    reference.set_progress_bar_config(disable=True)
-    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config, timestep_spacing="linspace")
-    reference.scheduler.set_timesteps(steps)
-    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
-    latents = noise * ours.schedule.sigma_max / reference.scheduler.init_noise_sigma
-    theirs = reference(prompt, num_inference_steps=steps, guidance_scale=5.0, height=32, width=32,
-                       latents=latents, output_type="np").images[0]
+    theirs = reference_euler_image(trained / "model", prompt, seed, steps, 5.0, 32, float(ours.schedule.sigma_max))
     difference = np.abs(image / 255.0 - theirs)
     assert difference.max() <= 3 / 255 and difference.mean() <= 0.6 / 255
 

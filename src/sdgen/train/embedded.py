@@ -245,7 +245,7 @@ def stop_on_terminate() -> None:
 def run_training(stage: str, *, config_path: str, run_dir: str, threads: int | None = None,
                  steps: int | None = None, out: str | None = None) -> None:
     """`sdgen train STAGE`: one stage, or `all` of them in order (each resumes where it stopped)."""
-    from sdgen.train.export import default_model_folder
+    from sdgen.pipelines.loading import embedded_model_path
 
     if threads:
         torch.set_num_threads(threads)
@@ -262,4 +262,4 @@ def run_training(stage: str, *, config_path: str, run_dir: str, threads: int | N
         elif name == "unet":
             train_unet(recipe, run, stream, tokenizer, steps)
         elif name == "export":
-            print(export(recipe, run, Path(out) if out else default_model_folder()))
+            print(export(recipe, run, Path(out) if out else embedded_model_path()))

@@ -16,11 +16,6 @@ from sdgen.runtime.files import folder_written_atomically, write_json
 DIFFUSERS_VERSION = "0.42.1"  # the format version we write, as diffusers records it
 
 
-def default_model_folder() -> Path:
-    """Where the embedded model lives inside the installed package."""
-    return Path(__file__).resolve().parent.parent / "data" / "embedded"
-
-
 def _save_weights(path: Path, module: torch.nn.Module, keep=lambda key: True, dtype=torch.float16) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items() if keep(k)}
