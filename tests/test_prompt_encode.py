@@ -8,6 +8,7 @@ Tolerance: 1e-5 * max(1, max|reference|). Our CLIP differs from transformers' by
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -17,6 +18,7 @@ import reference_clip as ref
 from sdgen.models.clip import CLIPTextConfig, CLIPTextModel
 from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.prompting import prompt_at_step, prompt_schedule
+from sdgen.prompting.embeddings import Embedding
 from sdgen.prompting.encode import PromptEncoder, pad_to_same_length
 
 TOLERANCE = 1e-5
@@ -192,3 +194,19 @@ def test_bad_options_are_rejected():
         encoder(comma_padding_backtrack=-1)
     with pytest.raises(ValueError, match="no texts"):
         encoder().encode_batch([])
+
+
+def test_differentiable_encoding_equals_inference_and_carries_gradients():
+    model = copy.deepcopy(tiny_text_models()[1]).requires_grad_(True)
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    trainable = PromptEncoder(tokenizer(), model, [Embedding("zorpish", {"": vectors})])
+    texts = ["a (zorpish:1.2) on a [mat]", "cat " * 80 + "BREAK zorpish", "a (zorpish:1.2) on a [mat]"]
+    contexts = trainable.encode_differentiable(texts)
+    assert contexts.requires_grad and contexts.shape == (3, 231, 32)
+    assert torch.equal(contexts.detach(), trainable.encode_batch(texts))  # the layout and weights prompts get
+    (contexts[1, 154:].sum() + contexts[0].pow(2).sum()).backward()
+    assert vectors.grad.abs().sum() > 0  # through the embedding's placeholder positions
+    for name in ("text_model.final_layer_norm.weight", "text_model.encoder.layers.0.mlp.fc1.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    with torch.no_grad():
+        assert not trainable.encode_differentiable(texts[:1]).requires_grad

@@ -216,6 +216,12 @@ class PromptEncoder:
         with torch.inference_mode():
             return self._encode(texts, clip_skip)[0]
 
+    def encode_differentiable(self, texts: Sequence[str], clip_skip: int = 1) -> torch.Tensor:
+        """`encode_batch` under the caller's autograd mode, for fine-tuning (as webui's trainers call its
+        embedder): gradients reach the text encoder's weights and the embeddings' vectors; wrap the
+        call in `torch.no_grad()` when the encoder is frozen."""
+        return self._encode(texts, clip_skip)[0]
+
     def encode_with_pooled(self, texts: Sequence[str], clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """`encode_batch`'s contexts and each text's pooled embedding (first chunk, no emphasis), as
         webui's SDXL embedders return them (`torch.hstack(zs), zs[0].pooled`)."""

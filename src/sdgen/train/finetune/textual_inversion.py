@@ -53,15 +53,10 @@ class TextualInversion(nn.Module):
         return caption
 
     def encode(self, captions: list[str], clip_skip: int = 1) -> torch.Tensor:
-        """Contexts (batch, 77 * chunks, width), differentiable in the vectors (no emphasis)."""
+        """Contexts (batch, 77 * chunks, width) exactly as the prompts get them (emphasis, chunks, the
+        batch's shared mean restore), differentiable in the vectors."""
         encoder = PromptEncoder(*self._frozen.value, [Embedding(self.name, {"": self.vectors})])
-        tokenized = [encoder.tokenize(self.prompt(c))[0] for c in captions]
-        parts = []
-        for i in range(max(len(chunks) for chunks in tokenized)):
-            rows = [chunks[i] if i < len(chunks) else encoder.empty_chunk() for chunks in tokenized]
-            # The encoder's own chunk encoding (outside its inference mode), so the layout is the one prompts get.
-            parts.append(getattr(encoder._encode_chunks(rows, clip_skip), encoder.layer))
-        return torch.cat(parts, dim=1)
+        return encoder.encode_differentiable([self.prompt(c) for c in captions], clip_skip)
 
     def embedding(self) -> Embedding:
         return Embedding(self.name, {"": self.vectors.detach().clone()})
