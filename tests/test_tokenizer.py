@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import random
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import sdgen.models.tokenizer as tokenizer_module
+from sdgen.errors import UserError
 from sdgen.models.tokenizer import END_TOKEN, START_TOKEN, CLIPTokenizer, TokenizerError, byte_alphabet
 
 CLIP_DIR = Path(importlib.util.find_spec("clip").origin).parent  # found without importing the package
@@ -247,3 +250,30 @@ def test_bad_files_raise_value_error_naming_the_file(tmp_path, ours):
         CLIPTokenizer.from_bpe_file(tmp_path / "bpe.txt.gz")
     with pytest.raises(TokenizerError, match="pad token"):
         CLIPTokenizer.default(pad_token="<pad>")
+
+
+def test_tokenizer_errors_are_user_errors_and_oversized_files_are_refused(tmp_path, ours, monkeypatch):
+    assert issubclass(TokenizerError, UserError) and issubclass(TokenizerError, ValueError)
+    folder = tmp_path / "huge"
+    write_vocab_files(ours, folder)
+    with open(folder / "vocab.json", "r+b") as handle:  # sparse: 65 MB on paper, nothing on disk
+        handle.truncate(65 * 2**20)
+    with pytest.raises(TokenizerError, match=r"vocab.json: 65 MB, too large \(a tokenizer file is at most 64 MB") as error:
+        CLIPTokenizer.from_folder(folder)
+    assert "\n" not in str(error.value)
+    write_vocab_files(ours, folder)
+    with open(folder / "merges.txt", "r+b") as handle:
+        handle.truncate(64 * 2**20 + 1)
+    with pytest.raises(TokenizerError, match="merges.txt: 64 MB, too large"):
+        CLIPTokenizer.from_folder(folder)
+    # A small gzip file that inflates past the limit is stopped while reading.
+    monkeypatch.setattr(tokenizer_module, "MAX_FILE_BYTES", 2**20)
+    bomb = tmp_path / "bomb.txt.gz"
+    bomb.write_bytes(gzip.compress(b"a b\n" * 2**20))
+    assert bomb.stat().st_size < 2**20
+    with pytest.raises(TokenizerError, match="bomb.txt.gz: more than 1 MB of text, too large"):
+        CLIPTokenizer.from_bpe_file(bomb)
+    write_vocab_files(ours, folder)
+    (folder / "tokenizer_config.json").write_bytes(b" " * (2**20 + 1))
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: 1 MB, too large"):
+        CLIPTokenizer.from_folder(tmp_path / "huge")

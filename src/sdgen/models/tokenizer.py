@@ -30,12 +30,17 @@ import torch
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import BPE
 
+from sdgen.errors import UserError
+
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 WORD_END = "</w>"
 MODEL_MAX_LENGTH = 77
 # The published CLIP vocabulary uses the first 49152 - 256 - 2 merges of the BPE file.
 CLIP_MERGE_COUNT = 49152 - 256 - 2
+# CLIP's vocabulary files are 0.5-3.5 MB (the gzipped merge list 1.3 MB); a file many times that is
+# no tokenizer, and reading it whole would take the memory of a hostile or mistaken path.
+MAX_FILE_BYTES = 64 * 2**20
 
 _WHITESPACE = regex.compile(r"\s+")
 # The original split; special tokens first so they stay whole, then contractions, letter runs,
@@ -43,8 +48,8 @@ _WHITESPACE = regex.compile(r"\s+")
 _SPLIT_TAIL = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 
 
-class TokenizerError(ValueError):
-    """A vocabulary file or tokenizer folder that cannot be used."""
+class TokenizerError(UserError, ValueError):
+    """A vocabulary file or tokenizer folder that cannot be used (a ValueError too, as before)."""
 
 
 def byte_alphabet() -> dict[int, str]:
@@ -181,9 +186,12 @@ class CLIPTokenizer:
     def from_bpe_file(cls, path: str | Path, **options) -> CLIPTokenizer:
         """Build from OpenAI's gzipped merge list (`bpe_simple_vocab_16e6.txt.gz`)."""
         try:
-            lines = gzip.open(path).read().decode("utf-8").split("\n")
-            vocab, merges = clip_vocabulary(lines)
-        except (OSError, UnicodeDecodeError, EOFError, TokenizerError) as error:
+            text = _read_bytes(Path(path), gzip.open).decode("utf-8")
+        except (OSError, UnicodeDecodeError, EOFError) as error:  # a size error passes through as it is
+            raise TokenizerError(f"{path}: not a CLIP BPE merge file ({error})") from None
+        try:
+            vocab, merges = clip_vocabulary(text.split("\n"))
+        except TokenizerError as error:
             raise TokenizerError(f"{path}: not a CLIP BPE merge file ({error})") from None
         return cls(vocab, merges, source=str(path), **options)
 
@@ -233,9 +241,23 @@ class CLIPTokenizer:
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+def _read_bytes(path: Path, opener=open) -> bytes:
+    """The whole file, refused before reading when it is over MAX_FILE_BYTES; the read itself is
+    bounded too, so a gzip file cannot inflate to gigabytes (nor a file grow meanwhile)."""
+    size = Path(path).stat().st_size
+    limit = f"a tokenizer file is at most {MAX_FILE_BYTES // 2**20} MB; check the path"
+    if size > MAX_FILE_BYTES:
+        raise TokenizerError(f"{path}: {size / 2**20:.0f} MB, too large ({limit})")
+    with opener(path, "rb") as handle:
+        data = handle.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise TokenizerError(f"{path}: more than {MAX_FILE_BYTES // 2**20} MB of text, too large ({limit})")
+    return data
+
+
 def _read_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(_read_bytes(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise TokenizerError(f"{path}: not readable JSON ({error})") from None
 
@@ -243,7 +265,7 @@ def _read_json(path: Path) -> object:
 def _read_merges(path: Path) -> list[tuple[str, str]]:
     """merges.txt: an optional `#version` header, then one `left right` pair per line."""
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")
+        lines = _read_bytes(path).decode("utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as error:
         raise TokenizerError(f"{path}: not a readable text file ({error})") from None
     merges = []
