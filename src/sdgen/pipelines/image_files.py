@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image
@@ -18,6 +17,7 @@ from PIL import Image
 from sdgen.errors import UserError
 from sdgen.pipelines.images import open_image
 from sdgen.pipelines.output import png_with_parameters
+from sdgen.runtime.files import write_bytes_atomically
 
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 EXTENSIONS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
@@ -73,20 +73,7 @@ def encode_image(image: Image.Image, fmt: str, infotext: str | None) -> bytes:
 def save_image_atomic(image: Image.Image, path: str | os.PathLike, infotext: str | None = None,
                       fmt: str = "PNG") -> Path:
     """Write `image` to `path` in `fmt` with its infotext, through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = encode_image(image, fmt, infotext)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomically(path, encode_image(image, fmt, infotext))
 
 
 def read_infotext(path: str | os.PathLike) -> str | None:
