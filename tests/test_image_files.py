@@ -17,7 +17,8 @@ INFOTEXT = 'a red boat, "quoted"\nNegative prompt: blurry\nSteps: 2, Sampler: Eu
 def test_saved_images_carry_their_infotext_through_the_shared_writer(tmp_path, monkeypatch, fmt, suffix):
     calls = []
     write_atomically = files.write_atomically
-    monkeypatch.setattr(files, "write_atomically", lambda path, write: calls.append(path) or write_atomically(path, write))
+    monkeypatch.setattr(files, "write_atomically",
+                        lambda path, write: calls.append(path) or write_atomically(path, write))
     path = save_image_atomic(Image.new("RGB", (16, 16), (200, 30, 30)), tmp_path / "deep" / f"image{suffix}",
                              INFOTEXT, fmt)
     assert calls == [path] and read_infotext(path) == INFOTEXT

@@ -154,8 +154,9 @@ class SDXLTextEncoder:
         until `embeddings` changes. SDXL takes the raw penultimate layer; A1111 ignores clip skip."""
         if self._prompt_encoders is None or embeddings is not self._embeddings:
             keys = EMBEDDING_KEYS[len(EMBEDDING_KEYS) - len(self.encoders):]
-            self._prompt_encoders = [PromptEncoder(tokenizer, encoder, embeddings, embedding_key=key, layer="penultimate")
-                                     for encoder, tokenizer, key in zip(self.encoders, self.tokenizers, keys)]
+            self._prompt_encoders = [
+                PromptEncoder(tokenizer, encoder, embeddings, embedding_key=key, layer="penultimate")
+                for encoder, tokenizer, key in zip(self.encoders, self.tokenizers, keys)]
             self._embeddings = embeddings
         return self._prompt_encoders
 
