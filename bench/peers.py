@@ -100,16 +100,24 @@ def bench_sdcpp(folder: Path, workdir: Path, report, *, smoke: bool, size: int, 
     f16 and q8_0 against diffusers bf16, the low-precision peer).
     """
     if smoke:
-        unavailable[SDCPP] = ("sd.cpp builds the published SD 1.x shapes only (its U-Net widths are fixed in its "
-                              "code), so the smoke run's tiny model cannot run in it")
+        unavailable[SDCPP] = ("sd.cpp rejects the smoke run's tiny model (\"get sd version from file failed\": it "
+                              "knows only the published shapes, its U-Net widths are fixed in its code)")
         return
     try:
         binary = sdcpp.find_binary() or sdcpp.build(jobs=1 if busy() else 2, log=log)
-        log(f"sd.cpp: writing or reusing the single-file model of {folder.name}")
-        model = sdcpp.single_file(folder, workdir / f"{folder.name}.safetensors")
     except (sdcpp.SdcppError, OSError) as error:
-        unavailable[SDCPP] = str(error)
+        unavailable[SDCPP] = f"not built: {error}"
         return
+    log(f"sd.cpp: writing or reusing the single-file model of {folder.name}")
+    try:
+        model = sdcpp.single_file(folder, workdir / f"{folder.name}.safetensors")
+    except Exception as error:  # a converter failure is a result to report, not a crash
+        unavailable[SDCPP] = f"single-file conversion failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        return
+    report.note("sd.cpp rows [own process]: not interleaved; each pairs sd.cpp with the diffusers median of the same "
+                "workload from this run's table (f32 with diffusers fp32, f16 and q8_0 with diffusers bf16). One "
+                "sd.cpp step with CFG runs the conditional and unconditional U-Net passes at batch 1, the work of one "
+                "batch-2 step. Its --type applies to linear layers: convolution kernels stay f16 (im2col).")
     for weight_type in sdcpp.WEIGHT_TYPES:
         try:
             figures = sdcpp.measure(binary, model, weight_type, size=size, threads=threads, workdir=workdir, log=log)
@@ -128,8 +136,8 @@ def add_sdcpp_rows(report, figures: sdcpp.SdcppFigures, steps: int) -> None:
                             (f"VAE decode {size}x{size}", min(figures.decode_s)),
                             (f"txt2img {size}x{size}, {steps} Euler steps", figures.txt2img_s(steps))):
         baseline = next((t for t, dtype in report.rows if dtype == group and t.workload.startswith(prefix)
-                         and f"diffusers {group}" in t.seconds), None)
-        timings = Timings(f"{prefix} (sd.cpp: own process, vs this run's diffusers median)")
+                         and "[sd.cpp" not in t.workload and f"diffusers {group}" in t.seconds), None)
+        timings = Timings(f"{prefix} [sd.cpp, own process]")
         if baseline is not None:
             timings.seconds[f"diffusers {group}"] = [baseline.median(f"diffusers {group}")]
             timings.flops = baseline.flops
@@ -140,7 +148,6 @@ def add_sdcpp_rows(report, figures: sdcpp.SdcppFigures, steps: int) -> None:
                   {"load_s": many.seconds["load"], "peak_gib": many.peak_gib,
                    "rss_loaded_gib": many.rss_loaded_gib if many.rss_loaded_gib is not None else float("nan")}, None)
     report.note(f"{name}: U-Net step = (sampling {figures.steps} steps {many.seconds['sampling']:.1f} s - sampling "
-                f"1 step {one.seconds['sampling']:.1f} s) / {figures.steps - 1} (each step runs the conditional and "
-                f"unconditional passes at batch 1); txt2img {steps} steps extrapolated = 1-step total "
-                f"{one.seconds['total']:.1f} s + {steps - 1} x step; load {many.seconds['load']:.1f} s includes "
-                f"converting the fp16 file's weights to {figures.weight_type}")
+                f"1 step {one.seconds['sampling']:.1f} s) / {figures.steps - 1}; txt2img {steps} steps extrapolated "
+                f"= 1-step total {one.seconds['total']:.1f} s + {steps - 1} x step; load "
+                f"{many.seconds['load']:.1f} s (weights converted from the fp16 file while loading)")

@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     try:
-        binary = build(jobs=args.jobs)
+        binary = find_binary() or build(jobs=args.jobs)
         if args.action == "measure":
             if args.folder is None:
                 raise SdcppError("measure needs --folder (a diffusers folder, e.g. the one bench/run.py writes)")

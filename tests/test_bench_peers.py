@@ -107,7 +107,7 @@ def test_rows_pair_each_figure_with_this_runs_diffusers_median(fake_cli: Path, t
     peers.add_sdcpp_rows(report, figures, steps=20)
     text = report.markdown()
     row = next(line for line in text.splitlines() if line.startswith("| U-Net step 64x64") and "sd.cpp f16" in line)
-    assert "own process" in row and float(row.split("|")[4]) == pytest.approx(2.0 / 4.0)  # vs the median 4 s
+    assert "[sd.cpp, own process]" in row and float(row.split("|")[4]) == pytest.approx(2.0 / 4.0)  # vs the median 4 s
     assert float(row.split("|")[6]) == pytest.approx(8e9 / 2.0 / 1e9)  # GFLOP/s from the same FLOP count
     decode = next(line for line in text.splitlines() if line.startswith("| VAE decode 64x64") and "sd.cpp" in line)
     assert math.isnan(float(decode.split("|")[4]))  # no diffusers decode in this report: no ratio
