@@ -40,13 +40,14 @@ class EvalReport:
 
 
 def read_prompts(path: str | Path | None, count: int) -> list[str]:
-    """One caption per line from `path`, or the documented held-out set."""
+    """One caption per line from `path` (blank lines and `#` comments skipped), or the held-out set."""
     if path is None:
         return heldout_prompts(count)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such prompt file (one caption per line)")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
         raise UserError(f"{path}: no prompts in the file")
     return prompts
