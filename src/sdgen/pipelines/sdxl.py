@@ -167,13 +167,13 @@ class StableDiffusionXL(StableDiffusion):
 
     def encode_prompt(self, prompt: str, clip_skip: int = 1) -> torch.Tensor:
         """The U-Net's context (1, 77, width); SDXL always uses the penultimate layers (A1111 ignores clip skip)."""
-        return self.text.encode(prompt)[0]
+        return self.text.encode(prompt, self.embeddings)[0]
 
     def prompt_conditioning(self, request: GenerationRequest, width: int, height: int
                             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         """context, text_embeds and time_ids for the prompt and the negative prompt (None when cfg_scale is 1)."""
         negative = request.negative_prompt if request.cfg_scale != 1.0 else None
-        cond, uncond = self.text.encode_pair(request.prompt, negative, self.options.zero_negative)
+        cond, uncond = self.text.encode_pair(request.prompt, negative, self.options.zero_negative, self.embeddings)
 
         def keywords(encoded: tuple[torch.Tensor, torch.Tensor], is_negative: bool) -> dict[str, torch.Tensor]:
             ids = time_ids(self.options, width, height, self.time_id_count, negative=is_negative)

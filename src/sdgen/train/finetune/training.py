@@ -140,14 +140,14 @@ def prompts_with_embedding(pipeline, inversion: TextualInversion | None):
     if inversion is None:
         yield
         return
-    from sdgen.prompting.encode import PromptEncoder
-
-    encoder = PromptEncoder(pipeline.tokenizer, pipeline.text_encoder, [inversion.embedding()])
-    pipeline.encode_prompt = lambda prompt, clip_skip=1: encoder.encode(prompt, clip_skip)
+    # Every prompt path (encode_prompt and the guidance pair) goes through pipeline.prompt_encoder,
+    # which is rebuilt whenever pipeline.embeddings changes.
+    previous = pipeline.embeddings
+    pipeline.embeddings = [inversion.embedding()]
     try:
         yield
     finally:
-        del pipeline.encode_prompt
+        pipeline.embeddings = previous
 
 
 def run_finetune(config: FinetuneConfig, pipeline=None) -> FinetuneResult:
@@ -191,7 +191,7 @@ def run_finetune(config: FinetuneConfig, pipeline=None) -> FinetuneResult:
         if inversion is not None:
             return inversion.encode(captions)
         with contextlib.nullcontext() if text_grad else torch.no_grad():
-            return text_encoder(tokenizer(captions).to(pipeline.device)).hidden_states
+            return pipeline.prompt_encoder.encode_differentiable(captions)  # A1111's chunks and emphasis
 
     def batch_at(step: int):
         latents, captions = data.batch(step, config.captions)
