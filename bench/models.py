@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from sdgen.diffusion.schedules import DiscreteSchedule
-from sdgen.models.clip import CLIPTextConfig, CLIPTextModel
+from sdgen.models.clip_config import CLIPTextConfig
+from sdgen.models.clip import CLIPTextModel
 from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.models.unet import UNet, UNetConfig
 from sdgen.models.vae import AutoencoderKL, VAEConfig

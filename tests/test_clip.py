@@ -14,14 +14,8 @@ import torch
 import transformers
 
 import reference_clip as ref
-from sdgen.models.clip import (
-    CLIPConfig,
-    CLIPModel,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-)
+from sdgen.models.clip_config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from sdgen.models.clip import CLIPModel, CLIPTextModel, CLIPVisionModel
 from sdgen.models.tokenizer import CLIPTokenizer
 
 RELATIVE_TOLERANCE = 1e-5

@@ -420,7 +420,8 @@ def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sdxl_refiner"])
 def test_inferred_configs_build_our_models(family):
     """The contract with sdgen.models: inferred configs give modules whose state_dict() is the converted one."""
-    from sdgen.models.clip import CLIPTextConfig, CLIPTextModel
+    from sdgen.models.clip_config import CLIPTextConfig
+    from sdgen.models.clip import CLIPTextModel
     from sdgen.models.unet import UNet, UNetConfig
     from sdgen.models.vae import AutoencoderKL, VAEConfig
 

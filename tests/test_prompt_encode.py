@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import reference_clip as ref
-from sdgen.models.clip import CLIPTextConfig, CLIPTextModel
+from sdgen.models.clip_config import CLIPTextConfig
+from sdgen.models.clip import CLIPTextModel
 from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.prompting import prompt_at_step, prompt_schedule
 from sdgen.prompting.embeddings import Embedding

@@ -12,7 +12,8 @@ from sdgen.checkpoints.parts import CheckpointParts
 from sdgen.checkpoints.reader import read_checkpoint, read_vae
 from sdgen.diffusion.schedules import DiscreteSchedule
 from sdgen.errors import UserError
-from sdgen.models.clip import CLIPTextConfig, CLIPTextModel
+from sdgen.models.clip_config import CLIPTextConfig
+from sdgen.models.clip import CLIPTextModel
 from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.models.unet import UNet, UNetConfig
 from sdgen.models.vae import AutoencoderKL, VAEConfig

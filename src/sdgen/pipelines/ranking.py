@@ -20,7 +20,8 @@ from PIL import Image
 from sdgen.checkpoints.errors import CheckpointError
 from sdgen.checkpoints.formats import load_state_dict
 from sdgen.errors import UserError
-from sdgen.models.clip import CLIPConfig, CLIPModel
+from sdgen.models.clip_config import CLIPConfig
+from sdgen.models.clip import CLIPModel
 from sdgen.models.clip_preprocess import CLIPImagePreprocess
 from sdgen.models.tokenizer import CLIPTokenizer, TokenizerError
 

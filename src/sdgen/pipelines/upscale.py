@@ -28,7 +28,8 @@ from sdgen.checkpoints.ldm_keys import normalize_clip_names
 from sdgen.checkpoints.parts import CheckpointParts
 from sdgen.diffusion.schedules import DiscreteSchedule
 from sdgen.errors import UserError
-from sdgen.models.clip import CLIPTextConfig, CLIPTextModel
+from sdgen.models.clip_config import CLIPTextConfig
+from sdgen.models.clip import CLIPTextModel
 from sdgen.models.upscaler import UpscalerUNet, UpscalerUNetConfig
 from sdgen.models.vae import AutoencoderKL, VAEConfig
 from sdgen.pipelines.img2img import pixels_from_pil

@@ -27,7 +27,8 @@ from torch import nn
 
 from sdgen.checkpoints.diffusers_folder import allowed_roots, load_component_weights, read_json
 from sdgen.checkpoints.errors import CheckpointError
-from sdgen.models.clip import CLIPVisionConfig, CLIPVisionModel
+from sdgen.models.clip_config import CLIPVisionConfig
+from sdgen.models.clip import CLIPVisionModel
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

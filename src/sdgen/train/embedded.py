@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from sdgen.errors import UserError
-from sdgen.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from sdgen.models.clip_config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from sdgen.models.clip import CLIPModel
 from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.models.unet import UNet, UNetConfig
 from sdgen.models.vae import AutoencoderKL, VAEConfig

@@ -11,7 +11,7 @@ from safetensors.torch import save, save_file
 
 from sdgen.checkpoints.ldm_keys import parts_to_original
 from sdgen.checkpoints.parts import CheckpointParts
-from sdgen.models.clip import CLIPTextConfig
+from sdgen.models.clip_config import CLIPTextConfig
 from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.models.unet import UNetConfig
 from sdgen.models.vae import VAEConfig
