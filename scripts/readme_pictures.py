@@ -15,6 +15,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 import sdgen
+from sdgen.pipelines.grids import parse_axis, xy_plot
+from sdgen.pipelines.request import GenerationRequest
 from sdgen.train.evaluate import contact_sheet
 from sdgen.train.scenes import parse_caption
 
@@ -73,6 +75,14 @@ def operations(pipe) -> tuple[list[Image.Image], list[str]]:
     return images, captions
 
 
+def cfg_steps_plot(pipe) -> Image.Image:
+    """`sdgen generate ... --xy "cfg=1,3,7.5,12" "steps=4,10,20"`: the same X/Y plot through the Python API."""
+    request = GenerationRequest(prompt="a tranquil lake with the mountains at sunset", seed=5, sampler="Euler a")
+    plot, _ = xy_plot(lambda cell: pipe.generate(cell).images[0], request,
+                      parse_axis("cfg=1,3,7.5,12"), parse_axis("steps=4,10,20"))
+    return plot
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model path (default: the embedded model)")
@@ -87,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     contact_sheet(images, TEXT_TO_IMAGE, columns=4).save(out / "examples-txt2img.png")
     images, captions = operations(pipe)
     contact_sheet(images, captions, columns=4).save(out / "examples-editing.png")
-    print(out / "examples-txt2img.png")
-    print(out / "examples-editing.png")
+    plot = cfg_steps_plot(pipe)
+    plot.resize((plot.width * 2, plot.height * 2), Image.Resampling.NEAREST).save(out / "examples-xy.png")
+    for name in ("examples-txt2img.png", "examples-editing.png", "examples-xy.png"):
+        print(out / name)
     return 0
 
 
