@@ -100,6 +100,29 @@ def _hires_fields(request: GenerationFields) -> dict:
             "hires_steps": _pick(request.hr_second_pass_steps, 0), "hires_upscaler": request.hr_upscaler or "Latent"}
 
 
+NO_REFINER = (None, "", "None", "none")  # what A1111's UI and clients send when the refiner is off
+
+
+def _refiner_fields(request: GenerationFields, kind: str, generation: GenerationRequest, catalog: Catalog) -> dict:
+    """A1111's refiner fields: a refiner runs only when both `refiner_checkpoint` and `refiner_switch_at` are set."""
+    name, switch_at = request.refiner_checkpoint, request.refiner_switch_at
+    if name in NO_REFINER or switch_at is None:
+        return {}
+    entry = catalog.find(name)
+    if entry is None:
+        titles = ", ".join(e.title for e in catalog.entries)
+        raise RequestError(f"refiner_checkpoint: unknown model {name!r}; available: {titles}")
+    if kind != "txt2img":
+        raise RequestError("refiner_checkpoint: the refiner hands off only in txt2img; for img2img run the "
+                           "refiner as the model (override_settings.sd_model_checkpoint) instead")
+    if generation.hires_scale is not None:
+        raise RequestError("refiner_checkpoint: the hires fix does not combine with a refiner; set enable_hr false")
+    check_float_range("refiner_switch_at", switch_at, 0.0, 1.0)
+    if not 0.0 < switch_at < 1.0:
+        raise RequestError(f"refiner_switch_at must be between 0 and 1 (exclusive), got {switch_at!r}")
+    return {"refiner_checkpoint": entry.title, "refiner_switch_at": switch_at}
+
+
 def build_params(request: GenerationFields, kind: str, catalog: Catalog, options: dict, limits: Limits) -> dict:
     """Validated job parameters (JSON-able) for a txt2img or img2img request; RequestError names the field."""
     request = _fill_from_infotext(request)
@@ -110,8 +133,6 @@ def build_params(request: GenerationFields, kind: str, catalog: Catalog, options
         raise RequestError(f"script_name: no scripts are installed in sdgen (got {request.script_name!r})")
     if request.alwayson_scripts:
         raise RequestError(f"alwayson_scripts: no scripts are installed in sdgen (got {sorted(request.alwayson_scripts)})")
-    if request.refiner_checkpoint:
-        raise RequestError("refiner_checkpoint: refiners are not supported by this server yet")
     settings = {**options, **(request.override_settings or {})}
     model = settings.get("sd_model_checkpoint")
     entry = catalog.find(model if isinstance(model, str) else None)
@@ -145,6 +166,7 @@ def build_params(request: GenerationFields, kind: str, catalog: Catalog, options
                   schedule_label=schedule_label(spec, schedule))
     if generation.hires_scale is not None:
         params["denoising_strength"] = generation.hires_strength
+    params.update(_refiner_fields(request, kind, generation, catalog))
     if kind == "img2img":
         strength = _pick(request.denoising_strength, 0.75)
         check_float_range("denoising_strength", strength, 0.0, 1.0)

@@ -21,6 +21,7 @@ from PIL import Image
 import sdgen
 from sdgen.diffusion.samplers import Interrupted
 from sdgen.errors import UserError
+from sdgen.pipelines.loading import embedded_model_path
 from sdgen.pipelines.request import GenerationRequest, Img2ImgRequest
 from sdgen.server.catalog import Catalog, CheckpointEntry
 from sdgen.server.previews import fit_preview_map, png_bytes, preview_image
@@ -260,6 +261,19 @@ class Worker:
                        "model_hash": pipeline.model_hash, "vae": pipeline.vae_name, "skipped_images": skipped,
                        "job_timestamp": timestamp}
 
+    def _refiner(self, job: Job, pipeline) -> dict:
+        """The SDXL refiner handoff a job asks for (`refiner_checkpoint`, checked against the catalog at submit)."""
+        title = job.params.get("refiner_checkpoint")
+        if title is None:
+            return {}
+        entry = self.catalog.find(title)
+        if entry is None:
+            raise JobFailed(f"refiner_checkpoint: model {title!r} is no longer available; see /sdapi/v1/sd-models")
+        if not hasattr(pipeline, "refiner_pipeline"):
+            raise JobFailed(f"refiner_checkpoint: {self.loaded.title} is not an SDXL base model; "
+                            "refiners hand off from SDXL models only")
+        return {"refiner": entry.path or embedded_model_path(), "refiner_switch_at": job.params["refiner_switch_at"]}
+
     def _request(self, job: Job, pipeline) -> GenerationRequest:
         """The library request of a job: txt2img at the model's native size unless given; img2img with its images."""
         params = job.params
@@ -279,5 +293,5 @@ class Worker:
 
     def _run_one(self, job: Job, pipeline, request: GenerationRequest):
         if job.kind == "txt2img":
-            return pipeline.generate(request, callback=self._on_step)
+            return pipeline.generate(request, callback=self._on_step, **self._refiner(job, pipeline))
         return pipeline.img2img(request, callback=self._on_step)
