@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 import sdgen
 from sdgen.errors import UserError
@@ -102,7 +103,9 @@ def create_app(config: ServerConfig, server: Server | None = None) -> Guard:
             server.worker.stop()
             server.store.close()
 
-    app = FastAPI(title="sdgen", version=sdgen.__version__, lifespan=lifespan,
+    # FastAPIOffline: /docs and /redoc serve Swagger UI and ReDoc from the installed package, not a CDN,
+    # so the API documentation works on machines without internet access.
+    app = FastAPIOffline(title="sdgen", version=sdgen.__version__, lifespan=lifespan,
                   description="Stable Diffusion server: AUTOMATIC1111-compatible `/sdapi/v1` routes and "
                               "sdgen's own `/api/v1` (jobs, progress events, gallery).")
     app.state.server = server
