@@ -1,0 +1,165 @@
+"""Load test of a real `sdgen serve` on loopback: many queued jobs, and progress polling while generating.
+
+    .venv/bin/python scripts/load_test.py                      # the embedded model, 100 jobs, 5 rounds
+    .venv/bin/python scripts/load_test.py --model MODEL --jobs 20 --rounds 3 --steps 20
+
+(a) queues `--jobs` small txt2img jobs at once through the native API, waits for all of them, checks
+that they finished in the order queued, and samples the server's resident memory (VmRSS, and VmHWM
+for the peak) before, during and after; (b) times `--rounds` generations without and with a client
+polling `/sdapi/v1/progress` 50 times a second, alternating, and reports the slowdown. Prints a
+markdown table. Loopback only; every wait is bounded by `--timeout`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+POLL_HZ = 50
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak resident set) of a process, in KiB, from /proc."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values
+
+
+def start_server(model: str | None, data_dir: Path, threads: int, timeout: float) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "sdgen.cli", "serve", "--port", str(port), "--data-dir", str(data_dir),
+               "--queue-size", "1000", *(["--model", model] if model else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"load_test: the server exited: {process.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/api/v1/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit(f"load_test: the server did not answer within {timeout} s")
+
+
+def queued_jobs(client: httpx.Client, pid: int, request: dict, count: int, timeout: float) -> dict:
+    """Queue `count` jobs at once; wait for all; order of completion and memory along the way."""
+    before = memory_kib(pid)
+    ids = []
+    for index in range(count):
+        response = client.post("/api/v1/jobs", json={**request, "seed": index})
+        response.raise_for_status()
+        ids.append(response.json()["id"])
+    samples, deadline, start = [before["VmRSS"]], time.monotonic() + timeout, time.monotonic()
+    while True:
+        jobs = {job["id"]: job for job in client.get("/api/v1/jobs", params={"limit": 500}).json()}
+        samples.append(memory_kib(pid)["VmRSS"])
+        if all(jobs[i]["state"] not in ("queued", "running") for i in ids):
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"load_test: {count} jobs not finished within {timeout} s")
+        time.sleep(0.5)
+    seconds = time.monotonic() - start
+    finished = [jobs[i]["finished"] for i in ids]
+    after = memory_kib(pid)
+    return {"jobs": count, "done": sum(jobs[i]["state"] == "done" for i in ids), "seconds": seconds,
+            "in_order": finished == sorted(finished), "rss_before": before["VmRSS"],
+            "rss_after": after["VmRSS"], "rss_max_sampled": max(samples), "peak": after["VmHWM"],
+            "rss_after_first_quarter": samples[len(samples) // 4]}
+
+
+def timed_generation(client: httpx.Client, request: dict, poll: bool) -> float:
+    """Seconds for one /sdapi/v1/txt2img, optionally with another client polling progress at 50 Hz."""
+    stop = threading.Event()
+
+    def poller() -> None:
+        with httpx.Client(base_url=str(client.base_url), timeout=10) as other:
+            while not stop.is_set():
+                other.get("/sdapi/v1/progress")
+                stop.wait(1 / POLL_HZ)
+
+    thread = threading.Thread(target=poller, daemon=True)
+    if poll:
+        thread.start()
+    start = time.perf_counter()
+    client.post("/sdapi/v1/txt2img", json=request).raise_for_status()
+    seconds = time.perf_counter() - start
+    stop.set()
+    if poll:
+        thread.join()
+    return seconds
+
+
+def report(queue: dict, plain: list[float], polled: list[float]) -> str:
+    mib = lambda kib: f"{kib / 1024:.0f} MiB"  # noqa: E731
+    slowdown = (statistics.median(polled) / statistics.median(plain) - 1) * 100
+    rows = [
+        ("queued jobs finished", f"{queue['done']} of {queue['jobs']} in {queue['seconds']:.0f} s"),
+        ("finished in the order queued", "yes" if queue["in_order"] else "NO"),
+        ("server RSS before / after a quarter / after", f"{mib(queue['rss_before'])} / "
+         f"{mib(queue['rss_after_first_quarter'])} / {mib(queue['rss_after'])}"),
+        ("server RSS max sampled / peak (VmHWM)", f"{mib(queue['rss_max_sampled'])} / {mib(queue['peak'])}"),
+        ("generation, median of rounds", f"{statistics.median(plain):.2f} s"),
+        (f"same, progress polled {POLL_HZ}/s", f"{statistics.median(polled):.2f} s"),
+        ("slowdown from polling", f"{slowdown:+.1f}%"),
+    ]
+    return "\n".join(["| measure | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model path (default: the embedded model)")
+    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5, help="generations timed with and without polling")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=None, help="width and height (default: the model's)")
+    parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the server")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed for each phase")
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or args.rounds < 1 or args.jobs > 1000:
+        parser.error("--jobs must be 1 to 1000 and --rounds at least 1")
+    request = {"prompt": "a red circle above a blue square", "steps": args.steps, "sampler_name": "Euler a"}
+    if args.size:
+        request.update(width=args.size, height=args.size)
+    with tempfile.TemporaryDirectory(prefix="sdgen-load-") as data:
+        process, url = start_server(args.model, Path(data), args.threads, args.timeout)
+        try:
+            with httpx.Client(base_url=url, timeout=args.timeout) as client:
+                timed_generation(client, request, poll=False)  # loads the model
+                queue = queued_jobs(client, process.pid, {**request, "steps": max(1, args.steps // 4)},
+                                    args.jobs, args.timeout)
+                plain, polled = [], []
+                for _ in range(args.rounds):
+                    plain.append(timed_generation(client, request, poll=False))
+                    polled.append(timed_generation(client, request, poll=True))
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    print(report(queue, plain, polled))
+    return 0 if queue["in_order"] and queue["done"] == queue["jobs"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
