@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import httpx
 import numpy as np
@@ -85,3 +86,24 @@ def test_bad_refiner_fields_are_refused_before_queueing(client, fields, words):
     assert response.status_code == 422
     detail = response.json()["detail"]
     assert "refiner" in str(detail) and words in str(detail)
+
+
+def test_a_refiner_on_a_model_that_is_not_sdxl_fails_the_job_in_one_line(tmp_path):
+    from starlette.testclient import TestClient
+
+    from server_harness import model_folder
+    from sdgen.server.app import create_app
+    from sdgen.server.config import ServerConfig
+
+    app = create_app(ServerConfig(data_dir=tmp_path / "data", model=model_folder()))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        title = client.get("/sdapi/v1/sd-models").json()[0]["title"]
+        job = client.post("/api/v1/jobs", json={**REQUEST, "refiner_checkpoint": title, "refiner_switch_at": 0.8})
+        assert job.status_code == 202, job.text
+        for _ in range(600):
+            state = client.get(f"/api/v1/jobs/{job.json()['id']}").json()
+            if state["state"] not in ("queued", "running"):
+                break
+            time.sleep(0.1)
+        assert state["state"] == "failed" and "is not an SDXL base model" in state["error"]
+        assert "\n" not in state["error"]

@@ -81,10 +81,9 @@ class Server:
         """Validate then store; settings live in memory only and none of them touches security."""
         if "sd_model_checkpoint" in options:
             name = options["sd_model_checkpoint"]
-            if not isinstance(name, str) or self.catalog.find(name) is None:
-                titles = ", ".join(e.title for e in self.catalog.entries)
-                raise RequestError(f"sd_model_checkpoint: unknown model {name!r}; available: {titles}")
-            options = {**options, "sd_model_checkpoint": self.catalog.find(name).title}
+            if not isinstance(name, str):
+                raise RequestError(f"sd_model_checkpoint: expected a model title, got {name!r}")
+            options = {**options, "sd_model_checkpoint": self.catalog.require(name, "sd_model_checkpoint").title}
         if "CLIP_stop_at_last_layers" in options:
             check_int_range("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"], 1, 12)
         self.options.update(options)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sdgen.checkpoints.formats import file_sha256
 from sdgen.pipelines.loading import embedded_model_path
+from sdgen.pipelines.request import RequestError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
@@ -135,3 +136,11 @@ class Catalog:
             if entry.matches(name):
                 return entry
         return None
+
+    def require(self, name: str | None, field: str) -> CheckpointEntry:
+        """The entry a request's `field` names; RequestError listing the available titles for an unknown name."""
+        entry = self.find(name)
+        if entry is None:
+            titles = ", ".join(e.title for e in self.entries)
+            raise RequestError(f"{field}: unknown model {name!r}; available: {titles}")
+        return entry

@@ -108,10 +108,7 @@ def _refiner_fields(request: GenerationFields, kind: str, generation: Generation
     name, switch_at = request.refiner_checkpoint, request.refiner_switch_at
     if name in NO_REFINER or switch_at is None:
         return {}
-    entry = catalog.find(name)
-    if entry is None:
-        titles = ", ".join(e.title for e in catalog.entries)
-        raise RequestError(f"refiner_checkpoint: unknown model {name!r}; available: {titles}")
+    entry = catalog.require(name, "refiner_checkpoint")
     if kind != "txt2img":
         raise RequestError("refiner_checkpoint: the refiner hands off only in txt2img; for img2img run the "
                            "refiner as the model (override_settings.sd_model_checkpoint) instead")
@@ -135,10 +132,7 @@ def build_params(request: GenerationFields, kind: str, catalog: Catalog, options
         raise RequestError(f"alwayson_scripts: no scripts are installed in sdgen (got {sorted(request.alwayson_scripts)})")
     settings = {**options, **(request.override_settings or {})}
     model = settings.get("sd_model_checkpoint")
-    entry = catalog.find(model if isinstance(model, str) else None)
-    if entry is None:
-        titles = ", ".join(e.title for e in catalog.entries)
-        raise RequestError(f"override_settings.sd_model_checkpoint: unknown model {model!r}; available: {titles}")
+    entry = catalog.require(model if isinstance(model, str) else None, "override_settings.sd_model_checkpoint")
     clip_skip = settings.get("CLIP_stop_at_last_layers", 1)
     try:
         clip_skip = int(clip_skip)
