@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import sdgen
+from disk_faults import fill_the_disk
 from reference_pipelines import make_reference_pipeline, save_folder
 from sdgen.cli import main
 from sdgen.errors import UserError
@@ -92,28 +93,7 @@ def test_nan_latents_get_their_own_message(model_folder):
 
 
 def test_disk_full_fails_with_the_reason_and_no_partial_file(model_folder, tmp_path, monkeypatch, capsys):
-    real_fdopen = os.fdopen
-
-    class FullDisk:
-        def __init__(self, handle):
-            self.handle, self.written = handle, 0
-
-        def write(self, data):
-            self.written += len(data)
-            if self.written > 200:  # the first bytes land, then the disk is full
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return self.handle.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.handle, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.handle.close()
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: FullDisk(real_fdopen(fd, *a, **k)))
+    fill_the_disk(monkeypatch)
     out = tmp_path / "out"
     out.mkdir()
     assert main(_generate_args(model_folder, out)) == 2

@@ -4,8 +4,6 @@ raises fails alone, and a full disk fails the job cleanly while the server goes 
 
 from __future__ import annotations
 
-import errno
-import os
 import socket
 import time
 
@@ -13,6 +11,7 @@ import pytest
 from starlette.routing import Mount
 from starlette.testclient import TestClient
 
+from disk_faults import fill_the_disk
 from server_harness import model_folder
 from sdgen.server.app import create_app
 from sdgen.server.config import ServerConfig
@@ -143,30 +142,9 @@ def test_a_job_that_raises_fails_alone_and_the_worker_goes_on(server, monkeypatc
 
 
 def test_disk_full_fails_the_job_cleanly_and_the_server_goes_on(server, monkeypatch):
-    real_fdopen = os.fdopen
     outputs = server.app_state.app.state.server.store.outputs
-
-    class FullDisk:
-        def __init__(self, handle):
-            self.handle, self.written = handle, 0
-
-        def write(self, data):
-            self.written += len(data)
-            if self.written > 100:  # the first bytes land, then the disk is full
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return self.handle.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.handle, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.handle.close()
-
     before = _files(outputs)
-    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: FullDisk(real_fdopen(fd, *a, **k)))
+    fill_the_disk(monkeypatch, room=100)
     failed = _wait(server, _submit(server))
     monkeypatch.undo()
     assert failed["state"] == "failed" and "No space left on device" in failed["error"]
