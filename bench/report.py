@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from sdgen.runtime.files import write_atomically
 from timing import Timings
+
+# A full run replaces only the text between these markers: RESULTS.md also holds figures that
+# other commands produced (the embedded model's evaluation, the load test, earlier notes).
+SECTION_BEGIN = "<!-- bench/run.py writes from here to the end marker; the next full run replaces it -->"
+SECTION_END = "<!-- end of bench/run.py's section -->"
 
 
 def image_quality(image: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
@@ -48,7 +55,7 @@ class Report:
         self.memories.append((system, figures, error))
 
     def markdown(self) -> str:
-        lines = ["# sdgen CPU benchmark results", "",
+        lines = ["## CPU benchmark: sdgen against diffusers and the peers", "",
                  f"- command: `{self.command}`", f"- date: {self.date}", f"- machine: {self.machine}"]
         if self.end_line:
             lines.append(f"- at the end: {self.end_line.split('load average')[-1].join(['load average', ''])}")
@@ -72,7 +79,7 @@ class Report:
                              f"{'' if rate is None else f'{rate:.0f}'} | "
                              f"{'' if rate is None or not peak else f'{100 * rate / peak:.0f}%'} |")
         if self.memories:
-            lines += ["", "## Memory (each system in its own process: load the folder, one txt2img image)", "",
+            lines += ["", "### Memory (each system in its own process: load the folder, one txt2img image)", "",
                       "| system | load s | RSS after load GiB | peak RSS GiB |", "|---|---|---|---|"]
             for system, figures, error in self.memories:
                 if figures is None:
@@ -81,12 +88,26 @@ class Report:
                     lines.append(f"| {system} | {figures['load_s']:.1f} | {figures['rss_loaded_gib']:.2f} | "
                                  f"{figures['peak_gib']:.2f} |")
         if self.qualities:
-            lines += ["", "## Image differences", "", "| images | mean abs diff (8-bit steps) | PSNR dB |",
+            lines += ["", "### Image differences", "", "| images | mean abs diff (8-bit steps) | PSNR dB |",
                       "|---|---|---|"]
             lines += [f"| {what} | {mae:.2f} | {psnr:.1f} |" for what, mae, psnr in self.qualities]
         if self.unavailable:
-            lines += ["", "## Peers that did not run", ""]
+            lines += ["", "### Peers that did not run", ""]
             lines += [f"- {name}: {why}" for name, why in self.unavailable.items()]
         if self.notes:
-            lines += ["", "## Notes", ""] + [f"- {note}" for note in self.notes]
+            lines += ["", "### Notes", ""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Put one run's section into the results file, keeping every other section as it was."""
+    block = f"{SECTION_BEGIN}\n{section.rstrip()}\n{SECTION_END}\n"
+    old = path.read_text() if path.exists() else "# sdgen benchmark results\n"
+    if SECTION_BEGIN in old and SECTION_END in old:
+        head, rest = old.split(SECTION_BEGIN, 1)
+        tail = rest.split(SECTION_END, 1)[1].strip("\n")
+        new = head + block + (f"\n{tail}\n" if tail else "")
+    else:  # first run into this file: right under its title
+        title, _, body = old.partition("\n")
+        new = f"{title}\n\n{block}\n{body.lstrip()}"
+    write_atomically(path, lambda stream: stream.write(new.encode()))

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import SPECS, load_reference, sdgen_from_reference, sdgen_unet, write_folder  # noqa: E402
-from report import Report, image_quality  # noqa: E402
+from report import Report, image_quality, write_section  # noqa: E402
 from timing import count_flops, gemm_peak, interleaved, machine_line  # noqa: E402
 
 import peers  # noqa: E402
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is None:
         print(text)
     else:
-        out.write_text(text)
+        write_section(out, text)
         print(text)
         print(f"written to {out}", file=sys.stderr)
     return 0
