@@ -26,13 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=8, help="training images of the concept")
     parser.add_argument("--prompts", type=int, default=48, help="images generated for each rate")
     parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the demo's, per method)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     for method in METHODS if args.method == "all" else (args.method,):
         report = concept_demo(args.out, args.model, method, steps=args.steps, images=args.images,
-                              prompts=args.prompts, sample_steps=args.sample_steps)
+                              prompts=args.prompts, sample_steps=args.sample_steps,
+                              **({"lr": args.lr} if args.lr else {}))
         print("\n".join(report.lines()), flush=True)
     return 0
 

@@ -99,7 +99,8 @@ class ServerProcess:
                 self.kill()
 
     def __enter__(self) -> "ServerProcess":
-        return self.start()
+        # `with server.start(auth=...)` has started it already: a second start would orphan the first
+        return self if self.process is not None else self.start()
 
     def __exit__(self, *_) -> None:
         self.stop()
