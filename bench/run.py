@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -178,6 +177,15 @@ def measure_memory(args, folder: Path, report: Report) -> None:
         report.memory(label, json.loads(result.stdout.strip().splitlines()[-1]), None)
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident memory (VmHWM). Not `ru_maxrss`: Linux carries the forking
+    parent's peak into it across exec, so a child of a 16 GiB benchmark process reported 16 GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def child_memory(args) -> None:
     """Runs in its own process: prints load time, RSS after loading and peak RSS as JSON."""
     quiet()
@@ -190,13 +198,13 @@ def child_memory(args) -> None:
         if args.fast:
             accelerate_pipeline(pipe)
         loaded = time.perf_counter() - start
-        rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_loaded = peak_rss_kib()
         side = args.size // pipe.latent_factor
         pipe.decode(torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0)))
     elif args.child_memory == "diffusers":
         pipe = load_reference(Path(args.folder), dtype)
         loaded = time.perf_counter() - start
-        rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_loaded = peak_rss_kib()
         pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=CFG,
              height=args.size, width=args.size, generator=torch.Generator().manual_seed(0))
     else:
@@ -206,10 +214,10 @@ def child_memory(args) -> None:
         if args.fast:
             accelerate_pipeline(pipe)
         loaded = time.perf_counter() - start
-        rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_loaded = peak_rss_kib()
         pipe.generate(prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps, sampler="Euler", cfg_scale=CFG,
                       width=args.size, height=args.size, seed=0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kib()
     print(json.dumps({"load_s": loaded, "rss_loaded_gib": rss_loaded / 2**20, "peak_gib": peak / 2**20}))
 
 

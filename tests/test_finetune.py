@@ -224,6 +224,42 @@ def test_lora_reloads_with_the_same_outputs(tiny_model, images, tmp_path):
     assert (trained - reloaded).abs().max() <= 2e-5 * trained.abs().max()
 
 
+def test_conv_lora_follows_kohya_locon_layout_and_reloads(tiny_model, images, tmp_path):
+    """With a conv rank (kohya's conv_dim), ResNet blocks and samplers get adapters too: 3x3
+    convolutions a 3x3 `lora_down` of the conv rank, their Linear / 1x1 layers the ordinary rank.
+    The names are diffusers' module paths (kohya's naming), checked against the reference U-Net."""
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    pipeline = sdgen.load(tiny_model)
+    config = FinetuneConfig(method="lora", data=str(images), out=str(tmp_path), model=str(tiny_model), name="locon",
+                            steps=3, save_every=3, sample_steps=2, lr=3e-2, seed=5, rank=4, alpha=2.0,
+                            conv_rank=2, conv_alpha=1.0)
+    (path,) = run_finetune(config, pipeline=pipeline).outputs
+    reference = dict(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").named_modules())
+    by_kohya_name = {"lora_unet_" + name.replace(".", "_"): module for name, module in reference.items()}
+    with safe_open(path, "pt") as handle:
+        names = {key.rsplit(".", 2)[0] if key.endswith("weight") else key.rsplit(".", 1)[0] for key in handle.keys()}
+        for name in ("lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_down_blocks_0_downsamplers_0_conv",
+                     "lora_unet_up_blocks_0_upsamplers_0_conv", "lora_unet_mid_block_resnets_1_conv2"):
+            target = by_kohya_name[name]
+            assert handle.get_tensor(f"{name}.lora_down.weight").shape == (2, target.in_channels, 3, 3), name
+            assert handle.get_tensor(f"{name}.lora_up.weight").shape == (target.out_channels, 2, 1, 1), name
+            assert float(handle.get_tensor(f"{name}.alpha")) == 1.0
+        name = "lora_unet_down_blocks_0_resnets_0_time_emb_proj"
+        assert handle.get_tensor(f"{name}.lora_down.weight").shape == (4, by_kohya_name[name].in_features)
+        assert float(handle.get_tensor(f"{name}.alpha")) == 2.0
+        assert json.loads(handle.metadata()["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+    assert names <= set(by_kohya_name), names - set(by_kohya_name)
+    request = dict(prompt="sks, square", seed=11, steps=3, sampler="Euler", cfg_scale=3.0)
+    trained = pipeline.generate(**request, output_type="latent").latents
+    fresh = sdgen.load(tiny_model)
+    with apply_loras(fresh.unet, fresh.text_encoder, [(read_lora(path), 1.0)]) as handle:
+        reloaded = fresh.generate(**request, output_type="latent").latents
+    assert handle.applied["locon"] == len(names) and not handle.unmatched
+    assert (trained - reloaded).abs().max() <= 2e-5 * trained.abs().max()
+
+
 def test_interrupted_run_resumes_to_the_same_lora(tiny_model, images, tmp_path, monkeypatch):
     (straight,) = _train(tiny_model, images, tmp_path / "straight", steps=5)
     original = CachedImages.batch

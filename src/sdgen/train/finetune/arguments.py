@@ -32,6 +32,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     method = parser.add_argument_group("method")
     method.add_argument("--rank", type=int, default=4, help="LoRA rank (network_dim)")
     method.add_argument("--alpha", type=float, default=1.0, help="LoRA alpha (network_alpha)")
+    method.add_argument("--conv-rank", type=int, default=None,
+                        help="LoRA on the ResNet blocks' 3x3 convolutions too, with this rank (kohya's conv_dim)")
+    method.add_argument("--conv-alpha", type=float, default=None, help="alpha of those (default: --alpha)")
     method.add_argument("--text-encoder", action="store_true", help="LoRA / DreamBooth: train the text encoder too")
     method.add_argument("--vectors", type=int, default=1, help="textual inversion: vectors per token")
     method.add_argument("--init-text", default="*", help="textual inversion: initialization text")
@@ -65,7 +68,8 @@ def run_finetune_command(args: argparse.Namespace) -> int:
             lr=args.lr, batch_size=args.batch_size, accumulate=args.accumulate, ema_decay=args.ema,
             bf16=not args.no_bf16, seed=args.seed, resolution=args.resolution, buckets=not args.no_buckets,
             caption=args.caption, caption_column=args.caption_column, captions=captions, rank=args.rank,
-            alpha=args.alpha, train_text_encoder=args.text_encoder, num_vectors=args.vectors,
+            alpha=args.alpha, conv_rank=args.conv_rank, conv_alpha=args.conv_alpha,
+            train_text_encoder=args.text_encoder, num_vectors=args.vectors,
             init_text=args.init_text, class_data=args.class_data, class_prompt=args.class_prompt,
             num_class_images=args.class_images, prior_weight=args.prior_weight, snr_gamma=args.snr_gamma,
             save_every=args.save_every, sample_prompts=tuple(args.sample_prompt), sample_steps=args.sample_steps,

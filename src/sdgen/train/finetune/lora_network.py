@@ -9,12 +9,15 @@ saved with kohya-ss sd-scripts' key names (networks/lora.py), which AUTOMATIC111
 
 Targets as kohya's defaults: every Linear and 1x1 Conv2d inside the U-Net's transformer blocks
 (`attentions.*`: proj_in, attn1/attn2 to_q/to_k/to_v/to_out.0, ff, proj_out) and, with the text
-encoder, every Linear of its attention and MLP layers. The base weights stay frozen: a forward
+encoder, every Linear of its attention and MLP layers. With a conv rank (kohya's `conv_dim`, the
+LoCon layout) also the ResNet blocks, down- and upsamplers: their 3x3 convolutions get a 3x3
+`lora_down` and 1x1 `lora_up` of that rank, their Linear and 1x1 layers the ordinary rank. The base weights stay frozen: a forward
 hook adds `multiplier * alpha / rank * up(down(x))` to each target's output.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -45,13 +48,19 @@ class _Hooks(list):
         return _Hooks()
 
 
-def lora_targets(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[str, nn.Module]:
-    """kohya name -> layer, for the U-Net's transformer blocks and the text encoder's layers."""
+CONV_BLOCKS = (".resnets.", ".downsamplers.", ".upsamplers.")  # kohya's ResnetBlock2D, Downsample2D, Upsample2D
+
+
+def lora_targets(unet: nn.Module, text_encoder: nn.Module | None = None,
+                 convolutions: bool = False) -> dict[str, nn.Module]:
+    """kohya name -> layer, for the U-Net's transformer blocks (with `convolutions`, its ResNet
+    blocks and samplers too) and the text encoder's layers."""
     targets: dict[str, nn.Module] = {}
     for name, module in unet.named_modules():
-        in_transformer = ".attentions." in f".{name}"
-        is_1x1 = isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
-        if in_transformer and (isinstance(module, nn.Linear) or is_1x1):
+        dotted = f".{name}"
+        in_block = ".attentions." in dotted or (convolutions and any(block in dotted for block in CONV_BLOCKS))
+        is_conv = isinstance(module, nn.Conv2d)
+        if in_block and (isinstance(module, nn.Linear) or (is_conv and (convolutions or module.kernel_size == (1, 1)))):
             targets[UNET_PREFIX + name.replace(".", "_")] = module
     if text_encoder is not None:
         for name, module in text_encoder.named_modules():
@@ -65,8 +74,9 @@ class LoraLayer(nn.Module):
 
     def __init__(self, target: nn.Module, rank: int, alpha: float, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        if isinstance(target, nn.Conv2d):
-            self.down = nn.Conv2d(target.in_channels, rank, 1, bias=False)
+        if isinstance(target, nn.Conv2d):  # a k x k down with the target's stride and padding, a 1x1 up
+            self.down = nn.Conv2d(target.in_channels, rank, target.kernel_size, target.stride, target.padding,
+                                  bias=False)
             self.up = nn.Conv2d(rank, target.out_channels, 1, bias=False)
         else:
             self.down = nn.Linear(target.in_features, rank, bias=False)
@@ -89,17 +99,27 @@ class LoraNetwork(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module | None, rank: int = 4,
-                 alpha: float = 1.0, seed: int = 0) -> None:
+                 alpha: float = 1.0, seed: int = 0, conv_rank: int | None = None,
+                 conv_alpha: float | None = None) -> None:
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        if alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+        conv_alpha = conv_alpha if conv_alpha is not None else alpha
+        for what, value in (("rank", rank), ("conv rank", conv_rank)):
+            if value is not None and value < 1:
+                raise ValueError(f"LoRA {what} must be >= 1, got {value}")
+        for what, value in (("alpha", alpha), ("conv alpha", conv_alpha)):
+            if value <= 0:
+                raise ValueError(f"LoRA {what} must be > 0, got {value}")
         generator = torch.Generator().manual_seed(seed)  # the down projections' initialisation
-        targets = lora_targets(unet, text_encoder)
+        targets = lora_targets(unet, text_encoder, convolutions=conv_rank is not None)
+
+        def layer_for(module: nn.Module) -> LoraLayer:
+            spatial = isinstance(module, nn.Conv2d) and module.kernel_size != (1, 1)
+            return LoraLayer(module, conv_rank if spatial else rank, conv_alpha if spatial else alpha, generator)
+
         self._targets = Shared(targets)
-        self.layers = nn.ModuleDict({key: LoraLayer(m, rank, alpha, generator) for key, m in targets.items()})
+        self.layers = nn.ModuleDict({key: layer_for(m) for key, m in targets.items()})
         self.rank, self.alpha_value = rank, alpha
+        self.conv_rank, self.conv_alpha = conv_rank, conv_alpha
         self._handles = _Hooks()
 
     def attach(self) -> "LoraNetwork":
@@ -129,5 +149,7 @@ class LoraNetwork(nn.Module):
         """Write a kohya-format `.safetensors` with kohya's `ss_` metadata (A1111 shows it)."""
         info = {"ss_network_module": "networks.lora", "ss_network_dim": str(self.rank),
                 "ss_network_alpha": str(self.alpha_value), **(metadata or {})}
+        if self.conv_rank is not None:  # as kohya records its network_args
+            info["ss_network_args"] = json.dumps({"conv_dim": str(self.conv_rank), "conv_alpha": str(self.conv_alpha)})
         return write_bytes_atomically(path, save(self.kohya_state_dict(dtype), metadata=info))
 

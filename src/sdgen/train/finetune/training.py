@@ -56,6 +56,8 @@ class FinetuneConfig:
     captions: CaptionOptions = field(default_factory=CaptionOptions)
     rank: int = 4
     alpha: float = 1.0
+    conv_rank: int | None = None  # LoRA on the ResNet blocks' 3x3 convolutions too (kohya's conv_dim)
+    conv_alpha: float | None = None  # None: alpha
     train_text_encoder: bool = False  # LoRA and DreamBooth
     num_vectors: int = 1  # textual inversion
     init_text: str = "*"
@@ -175,7 +177,7 @@ def run_finetune(config: FinetuneConfig, pipeline=None) -> FinetuneResult:
     inversion = None
     if config.method == "lora":
         trainable = LoraNetwork(unet, text_encoder if config.train_text_encoder else None, config.rank,
-                                config.alpha, config.seed).to(pipeline.device).attach()
+                                config.alpha, config.seed, config.conv_rank, config.conv_alpha).to(pipeline.device).attach()
     elif config.method == "textual-inversion":
         trainable = inversion = TextualInversion(config.name, tokenizer, text_encoder, config.num_vectors,
                                                  config.init_text).to(pipeline.device)
