@@ -11,8 +11,9 @@ Targets as kohya's defaults: every Linear and 1x1 Conv2d inside the U-Net's tran
 (`attentions.*`: proj_in, attn1/attn2 to_q/to_k/to_v/to_out.0, ff, proj_out) and, with the text
 encoder, every Linear of its attention and MLP layers. With a conv rank (kohya's `conv_dim`, the
 LoCon layout) also the ResNet blocks, down- and upsamplers: their 3x3 convolutions get a 3x3
-`lora_down` and 1x1 `lora_up` of that rank, their Linear and 1x1 layers the ordinary rank. The base weights stay frozen: a forward
-hook adds `multiplier * alpha / rank * up(down(x))` to each target's output.
+`lora_down` and 1x1 `lora_up` of that rank, their Linear and 1x1 layers the ordinary rank.
+The base weights stay frozen: a forward hook adds `multiplier * alpha / rank * up(down(x))` to
+each target's output.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def lora_targets(unet: nn.Module, text_encoder: nn.Module | None = None,
         dotted = f".{name}"
         in_block = ".attentions." in dotted or (convolutions and any(block in dotted for block in CONV_BLOCKS))
         is_conv = isinstance(module, nn.Conv2d)
-        if in_block and (isinstance(module, nn.Linear) or (is_conv and (convolutions or module.kernel_size == (1, 1)))):
+        is_target = isinstance(module, nn.Linear) or (is_conv and (convolutions or module.kernel_size == (1, 1)))
+        if in_block and is_target:
             targets[UNET_PREFIX + name.replace(".", "_")] = module
     if text_encoder is not None:
         for name, module in text_encoder.named_modules():
