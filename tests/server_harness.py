@@ -39,6 +39,13 @@ def model_folder() -> str | None:
     return str(workdir / "tiny-sd1")
 
 
+def fastapi_app(asgi):
+    """The FastAPI app inside `create_app`'s wrappers (the Guard, the progress shortcut)."""
+    while not hasattr(asgi, "routes"):
+        asgi = asgi.app
+    return asgi
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ from starlette.routing import Mount
 from starlette.testclient import TestClient
 
 from disk_faults import fill_the_disk
-from server_harness import model_folder
+from server_harness import fastapi_app, model_folder
 from sdgen.server.app import create_app
 from sdgen.server.config import ServerConfig
 from sdgen.server.worker import Worker
@@ -107,18 +107,18 @@ def _route_table(routes, prefix: str = "") -> tuple[set, set]:
 
 
 def test_route_table_is_the_reviewed_allow_list(server):
-    routes, mounts = _route_table(server.app_state.app.routes)
+    routes, mounts = _route_table(fastapi_app(server.app_state).routes)
     assert mounts == ALLOWED_MOUNTS
     assert routes - ALLOWED_ROUTES == set(), "new routes: review them, then add them to ALLOWED_ROUTES"
     assert ALLOWED_ROUTES - routes == set()
 
 
 def test_options_cannot_change_exposure_settings(server):
-    config = server.app_state.app.state.server.config
+    config = fastapi_app(server.app_state).state.server.config
     attempt = {"api_auth": "intruder:open", "host": "0.0.0.0", "listen": True, "insecure": True,
                "allowed_hosts": ["evil.example"], "data_dir": "/tmp/elsewhere", "max_body_bytes": 10 ** 12}
     assert server.post("/sdapi/v1/options", json=attempt).status_code == 200  # A1111 stores unknown options
-    assert server.app_state.app.state.server.config == config
+    assert fastapi_app(server.app_state).state.server.config == config
     assert server.get("/sdapi/v1/options", auth=("intruder", "open")).status_code == 401
     assert server.get("/sdapi/v1/options", headers={"Host": "evil.example"}).status_code == 403
     assert server.get("/sdapi/v1/options").status_code == 200
@@ -142,7 +142,7 @@ def test_a_job_that_raises_fails_alone_and_the_worker_goes_on(server, monkeypatc
 
 
 def test_disk_full_fails_the_job_cleanly_and_the_server_goes_on(server, monkeypatch):
-    outputs = server.app_state.app.state.server.store.outputs
+    outputs = fastapi_app(server.app_state).state.server.store.outputs
     before = _files(outputs)
     fill_the_disk(monkeypatch, room=100)
     failed = _wait(server, _submit(server))

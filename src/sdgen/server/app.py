@@ -19,6 +19,7 @@ from sdgen.pipelines.request import RequestError, check_int_range
 from sdgen.server import a1111, native
 from sdgen.server.catalog import Catalog
 from sdgen.server.config import ServerConfig
+from sdgen.server.progress import ProgressShortcut
 from sdgen.server.security import Guard
 from sdgen.server.store import FINAL, Job, QueueFull, Store
 from sdgen.server.worker import Worker
@@ -58,16 +59,30 @@ class Server:
         return job
 
     async def wait(self, job_id: str) -> Job:
-        """Until the job is over; polls an in-memory event, and the database now and then."""
-        done = self.worker.done_event(job_id)
-        checks = 0
-        while True:
-            if done.is_set() or checks % 20 == 0:
+        """Until the job is over: woken by the worker the moment it ends, checking the database each second."""
+        loop = asyncio.get_running_loop()
+        ended = asyncio.Event()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(ended.set)
+            except RuntimeError:  # this request's event loop has closed; nobody is waiting any more
+                pass
+
+        unsubscribe = self.worker.on_done(job_id, wake)
+        try:
+            while True:
+                # cleared before reading the store: an ending after the read still sets it
+                ended.clear()
                 job = self.store.job(job_id)
                 if job is None or job.state in FINAL:
                     return job
-            checks += 1
-            await asyncio.sleep(0.05)
+                try:
+                    await asyncio.wait_for(ended.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass
+        finally:
+            unsubscribe()
 
     def current_options(self) -> dict[str, Any]:
         """A1111's options: the ones sdgen honours, then whatever clients stored."""
@@ -90,7 +105,8 @@ class Server:
 
 
 def create_app(config: ServerConfig, server: Server | None = None) -> Guard:
-    """The ASGI app: A1111 routes, native routes and the web UI (a FastAPI app) behind the Guard middleware."""
+    """The ASGI app: A1111 routes, native routes and the web UI (a FastAPI app) behind the progress shortcut
+    and the Guard middleware."""
     server = server or Server(config)
 
     @asynccontextmanager
@@ -122,7 +138,8 @@ def create_app(config: ServerConfig, server: Server | None = None) -> Guard:
 
     app.mount("/static", StaticFiles(directory=WEBUI_DIR), name="static")
 
-    guarded = Guard(app, credentials=config.credentials(), allowed_hosts=config.allowed_hosts,
+    guarded = Guard(ProgressShortcut(app, server), credentials=config.credentials(),
+                    allowed_hosts=config.allowed_hosts,
                     any_host=config.listens_publicly, max_body_bytes=config.max_body_bytes)
     return guarded
 

@@ -3,13 +3,14 @@
 Instead of a table of coefficients per model family, the map is fitted once per loaded model
 by least squares: a few smooth synthetic colour fields are encoded with the model's own VAE
 and each latent pixel is regressed onto the mean colour of the image patch it covers
-(rgb = latent @ W + b, W of shape 4x3). Applying it costs one small matmul per preview.
+(rgb = latent @ W + b, W of shape 4x3). Applying it costs a few multiply-adds per latent pixel.
 """
 
 from __future__ import annotations
 
 import io
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -43,10 +44,17 @@ def fit_preview_map(vae: torch.nn.Module, scaling_factor: float, shift_factor: f
 
 
 def preview_image(latents: torch.Tensor, weights: torch.Tensor, size: tuple[int, int] | None = None) -> Image.Image:
-    """One latent (channels, h, w) to a small RGB image, scaled up to `size` (width, height) if given."""
-    x = latents.detach().float().cpu().permute(1, 2, 0)
-    rgb = x @ weights[:-1] + weights[-1]
-    array = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    """One latent (channels, h, w) to a small RGB image, scaled up to `size` (width, height) if given.
+
+    Computed with single-threaded numpy, not torch: this runs in the server's request thread while
+    the worker's torch threads keep both cores busy, and a torch op from a second thread starts a
+    second team of OpenMP threads that fights the first (measured: +6 to +12% generation time under
+    50 polls a second, against none for the same polls without a preview).
+    """
+    x = latents.detach().float().cpu().numpy()
+    w = weights.detach().float().cpu().numpy()
+    rgb = w[-1] + sum(x[channel, :, :, None] * w[channel] for channel in range(x.shape[0]))
+    array = ((np.clip(rgb, -1, 1) + 1) * 127.5).round().astype(np.uint8)
     image = Image.fromarray(array)
     if size is not None:
         image = image.resize(size, Image.Resampling.BILINEAR)

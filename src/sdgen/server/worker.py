@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -86,7 +87,7 @@ class Worker:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._done: dict[str, threading.Event] = {}
+        self._on_done: dict[str, list[Callable[[], None]]] = {}
         self._preview_cache: tuple[tuple[str, int] | None, bytes | None] = (None, None)
         self._thread = threading.Thread(target=self._run, name="sdgen-worker", daemon=True)
 
@@ -121,9 +122,24 @@ class Worker:
         with self._lock:
             return replace(self.progress)
 
-    def done_event(self, job_id: str) -> threading.Event:
+    def on_done(self, job_id: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (from the worker thread) when the job ends here; returns the unsubscriber.
+
+        A job that ended before this call, or that ends elsewhere (cancelled while queued), never
+        calls back: waiters check the store after subscribing and now and then.
+        """
         with self._lock:
-            return self._done.setdefault(job_id, threading.Event())
+            self._on_done.setdefault(job_id, []).append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                callbacks = self._on_done.get(job_id, [])
+                if callback in callbacks:
+                    callbacks.remove(callback)
+                if not callbacks:
+                    self._on_done.pop(job_id, None)
+
+        return unsubscribe
 
     def preview_png(self) -> bytes | None:
         """The latest live preview of the running job as PNG bytes (None before its first).
@@ -177,9 +193,9 @@ class Worker:
         finally:
             with self._lock:
                 self.progress = Progress()
-                event = self._done.pop(job.id, None)
-            if event is not None:
-                event.set()
+                callbacks = self._on_done.pop(job.id, [])
+            for callback in callbacks:
+                callback()
 
     def _ensure_model(self, title: str | None) -> CheckpointEntry:
         entry = self.catalog.find(title)
