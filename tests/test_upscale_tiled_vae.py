@@ -60,7 +60,7 @@ def test_one_tile_is_the_untiled_computation(vae):
         assert torch.equal(tiled_vae_decode(vae, latents, 24, 8), vae.decode(latents))
 
 
-@pytest.mark.slow
+@pytest.mark.full  # about 10 minutes on 2 cores: `make test-full`
 def test_2048_decode_of_a_real_size_vae_fits_in_8_gib():
     script = textwrap.dedent("""
         import resource, time, torch
