@@ -95,8 +95,8 @@ def queued_jobs(client: httpx.Client, pid: int, request: dict, count: int, timeo
             "rss_after_first_quarter": samples[len(samples) // 4]}
 
 
-def poll_progress(base_url: str, stop: threading.Event) -> int:
-    """GET /sdapi/v1/progress at POLL_HZ on one keep-alive connection until `stop`; the number of polls.
+def poll_progress(base_url: str, stop: threading.Event, latencies: list[float]) -> None:
+    """GET /sdapi/v1/progress at POLL_HZ on one keep-alive connection until `stop`; each answer's latency.
 
     The poller runs on the same two cores as the server, so it uses the standard library's
     http.client (about 0.1 ms of CPU per request here) rather than httpx (0.5 to 0.7 ms): what is
@@ -104,25 +104,24 @@ def poll_progress(base_url: str, stop: threading.Event) -> int:
     """
     parts = urlsplit(base_url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-    polls = 0
     try:
         while not stop.is_set():
+            start = time.perf_counter()
             connection.request("GET", "/sdapi/v1/progress")
             response = connection.getresponse()
             response.read()
             if response.status != 200:
                 raise SystemExit(f"load_test: progress answered {response.status}")
-            polls += 1
+            latencies.append(time.perf_counter() - start)
             stop.wait(1 / POLL_HZ)
     finally:
         connection.close()
-    return polls
 
 
-def timed_generation(client: httpx.Client, request: dict, poll: bool) -> float:
+def timed_generation(client: httpx.Client, request: dict, poll: bool, latencies: list[float]) -> float:
     """Seconds for one /sdapi/v1/txt2img, optionally with another client polling progress at 50 Hz."""
     stop = threading.Event()
-    thread = threading.Thread(target=poll_progress, args=(str(client.base_url), stop), daemon=True)
+    thread = threading.Thread(target=poll_progress, args=(str(client.base_url), stop, latencies), daemon=True)
     if poll:
         thread.start()
     start = time.perf_counter()
@@ -134,7 +133,7 @@ def timed_generation(client: httpx.Client, request: dict, poll: bool) -> float:
     return seconds
 
 
-def report(queue: dict, plain: list[float], polled: list[float]) -> str:
+def report(queue: dict, plain: list[float], polled: list[float], latencies: list[float]) -> str:
     mib = lambda kib: f"{kib / 1024:.0f} MiB"  # noqa: E731
     # each round times a plain and a polled generation back to back; the median of their ratios
     # cancels the machine's slow drifts, which on a shared VM are as large as the effect measured
@@ -147,6 +146,9 @@ def report(queue: dict, plain: list[float], polled: list[float]) -> str:
         ("server RSS max sampled / peak (VmHWM)", f"{mib(queue['rss_max_sampled'])} / {mib(queue['peak'])}"),
         ("generation, median of rounds", f"{statistics.median(plain):.2f} s"),
         (f"same, progress polled {POLL_HZ}/s", f"{statistics.median(polled):.2f} s"),
+        ("progress answer while generating: median / 95th percentile / max",
+         " / ".join(f"{statistics.quantiles(latencies, n=100)[q] * 1000:.1f} ms" for q in (49, 94))
+         + f" / {max(latencies) * 1000:.1f} ms"),
         ("slowdown from polling (median of the rounds' ratios)", f"{slowdown:+.1f}%"),
     ]
     return "\n".join(["| measure | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
@@ -171,17 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         process, url = start_server(args.model, Path(data), args.threads, args.timeout)
         try:
             with httpx.Client(base_url=url, timeout=args.timeout) as client:
-                timed_generation(client, request, poll=False)  # loads the model
+                timed_generation(client, request, poll=False, latencies=[])  # loads the model
                 queue = queued_jobs(client, process.pid, {**request, "steps": max(1, args.steps // 4)},
                                     args.jobs, args.timeout)
-                plain, polled = [], []
+                plain, polled, latencies = [], [], []
                 for _ in range(args.rounds):
-                    plain.append(timed_generation(client, request, poll=False))
-                    polled.append(timed_generation(client, request, poll=True))
+                    plain.append(timed_generation(client, request, poll=False, latencies=latencies))
+                    polled.append(timed_generation(client, request, poll=True, latencies=latencies))
         finally:
             process.terminate()
             process.wait(timeout=60)
-    print(report(queue, plain, polled))
+    print(report(queue, plain, polled, latencies))
     return 0 if queue["in_order"] and queue["done"] == queue["jobs"] else 1
 
 
