@@ -72,7 +72,7 @@ def bench_dtype(args, spec, folder: Path, dtype_name: str, report: Report, fp32_
     ref = load_reference(folder, dtype)
     report.note(f"diffusers {dtype_name} load (in the comparison process): {time.perf_counter() - start:.1f} s")
     ours = sdgen_from_reference(ref, dtype)
-    fast = accelerate_pipeline(sdgen_from_reference(ref, dtype)) if dtype_name == "bf16" else None
+    fast = accelerate_pipeline(sdgen_from_reference(ref, dtype))
     # beyond the peers, off by default: DeepCache step caching, reported with its image difference
     cached = (accelerate_pipeline(sdgen_from_reference(ref, dtype), FastOptions(step_cache=STEP_CACHE))
               if dtype_name == "bf16" else None)
@@ -135,6 +135,7 @@ def bench_dtype(args, spec, folder: Path, dtype_name: str, report: Report, fp32_
         systems = {f"diffusers {dtype_name}": run_reference, f"sdgen {dtype_name}": run_sdgen(ours)}
         if fast:
             systems[f"sdgen {dtype_name} fast"] = run_sdgen(fast)
+        if cached:
             systems[f"sdgen {dtype_name} fast + step cache {STEP_CACHE}"] = run_sdgen(cached)
         log(f"{dtype_name} txt2img {size}")
         timings = interleaved(f"txt2img {size}x{size}, {args.steps} Euler steps, CFG (text + U-Net + decode)",
@@ -146,6 +147,9 @@ def bench_dtype(args, spec, folder: Path, dtype_name: str, report: Report, fp32_
             fp32_images[key] = images["sdgen fp32"]
             report.quality(f"{key}: sdgen fp32 vs diffusers fp32", *image_quality(images["sdgen fp32"],
                                                                                   images["diffusers fp32"]))
+            if "sdgen fp32 fast" in images:
+                report.quality(f"{key}: sdgen fp32 fast vs sdgen fp32", *image_quality(images["sdgen fp32 fast"],
+                                                                                      images["sdgen fp32"]))
         elif key in fp32_images:
             for name, image in images.items():
                 report.quality(f"{key}: {name} vs sdgen fp32", *image_quality(image, fp32_images[key]))

@@ -9,6 +9,16 @@ from pathlib import Path
 from sdgen.errors import UserError
 
 
+def _step_cache_interval(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected an interval of at least 2 steps, got {text!r}")
+    return value
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None, help="diffusers folder, .safetensors or .ckpt (default: the embedded model)")
@@ -17,6 +27,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prediction", choices=["eps", "v"], default=None, help="override the model's prediction type")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     group.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute precision (fp16 is refused on a CPU)")
+    group.add_argument("--fast", action="store_true",
+                       help="CPU fast paths: weights prepacked for oneDNN, attention in fp32 (rounding changes only)")
+    group.add_argument("--step-cache", type=_step_cache_interval, default=0, metavar="N",
+                       help="implies --fast: the whole U-Net only every N-th step (DeepCache); faster, images change")
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:

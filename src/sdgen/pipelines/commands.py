@@ -42,9 +42,14 @@ def add_output_options(parser: argparse.ArgumentParser, hires: bool = False) -> 
 
 
 def configure(pipeline, args: argparse.Namespace):
-    """Pipeline settings from the options (the LoRA folder)."""
+    """Pipeline settings from the options: the LoRA folder, the CPU fast paths."""
     if getattr(args, "lora_dir", None):
         pipeline.lora_dir = Path(args.lora_dir)
+    step_cache = getattr(args, "step_cache", 0)
+    if getattr(args, "fast", False) or step_cache:
+        from sdgen.runtime.fast import FastOptions, accelerate_pipeline
+
+        accelerate_pipeline(pipeline, FastOptions(step_cache=step_cache))
     return pipeline
 
 

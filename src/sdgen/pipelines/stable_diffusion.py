@@ -379,6 +379,7 @@ class StableDiffusion:
             "Denoising strength": strength,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
             "RNG": "CPU",
+            "Step cache": self.unet.step_cache.interval if getattr(self.unet, "step_cache", None) else None,
             **(extra or {}),
             "Lora hashes": lora_hashes(self, request.prompt),
             "Version": f"sdgen {sdgen.__version__}",

@@ -44,7 +44,7 @@ class Server:
         self.store = Store(config.data_dir, max_queue=config.max_queue)
         self.recovered = self.store.recover()
         self.catalog = Catalog(config.data_dir, config.model, config.models_dir)
-        self.worker = Worker(self.store, self.catalog, device=config.device, dtype=config.dtype,
+        self.worker = Worker(self.store, self.catalog, device=config.device, dtype=config.dtype, fast=config.fast,
                              preview_every=config.preview_every)
         self.options: dict[str, Any] = {}
 

@@ -25,6 +25,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", default=None, help="a folder of checkpoints offered in /sdapi/v1/sd-models")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--fast", action="store_true",
+                        help="CPU fast paths: weights prepacked for oneDNN, attention in fp32 (rounding changes only)")
     parser.add_argument("--queue-size", type=int, default=32, help="queued + running jobs before 503")
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="width x height limit")
     parser.add_argument("--max-side", type=int, default=defaults.max_side, help="width or height limit")
@@ -51,7 +53,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=args.model, models_dir=args.models_dir, api_auth=args.api_auth, insecure=args.insecure,
         allowed_hosts=tuple(args.allowed_host), limits=limits, max_queue=args.queue_size,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), preview_every=max(0, args.preview_every),
-        device=args.device, dtype=args.dtype)
+        device=args.device, dtype=args.dtype, fast=args.fast)
 
 
 def run_serve(args: argparse.Namespace) -> int:

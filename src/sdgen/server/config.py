@@ -36,6 +36,7 @@ class ServerConfig:
     preview_every: int = 3
     device: str = "auto"
     dtype: str = "fp32"
+    fast: bool = False  # the CPU fast paths of sdgen.runtime.fast (rounding changes only)
 
     @property
     def listens_publicly(self) -> bool:

@@ -24,6 +24,7 @@ from sdgen.diffusion.samplers import Interrupted
 from sdgen.errors import UserError
 from sdgen.pipelines.loading import embedded_model_path
 from sdgen.pipelines.request import GenerationRequest, Img2ImgRequest
+from sdgen.runtime.fast import accelerate_pipeline
 from sdgen.server.catalog import Catalog, CheckpointEntry
 from sdgen.server.previews import fit_preview_map, png_bytes, preview_image
 from sdgen.server.store import Job, Store
@@ -76,10 +77,10 @@ class Progress:
 class Worker:
     """Runs jobs from `store` one at a time on a daemon thread; loads models from `catalog` on demand."""
 
-    def __init__(self, store: Store, catalog: Catalog, *, device: str = "auto", dtype: str = "fp32",
+    def __init__(self, store: Store, catalog: Catalog, *, device: str = "auto", dtype: str = "fp32", fast: bool = False,
                  preview_every: int = 3):
         self.store, self.catalog = store, catalog
-        self.device, self.dtype, self.preview_every = device, dtype, preview_every
+        self.device, self.dtype, self.fast, self.preview_every = device, dtype, fast, preview_every
         self.pipeline = None
         self.loaded: CheckpointEntry | None = None
         self.preview_map: torch.Tensor | None = None
@@ -206,6 +207,8 @@ class Worker:
             with self._lock:
                 self.progress.textinfo = f"loading {entry.title}"
             pipeline = sdgen.load(entry.path, device=self.device, dtype=self.dtype)
+            if self.fast:
+                accelerate_pipeline(pipeline)
             try:
                 cfg = pipeline.vae.cfg
                 self.preview_map = fit_preview_map(pipeline.vae, cfg.scaling_factor, cfg.shift_factor or 0.0)
