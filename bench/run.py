@@ -123,7 +123,7 @@ def bench_dtype(args, spec, folder: Path, dtype_name: str, report: Report, fp32_
                 report.quality(f"VAE decode {args.vae_size}: {name} vs sdgen fp32",
                                *image_quality(image.float(), fp32_images["decode"]))
 
-    for size in args.txt2img_sizes:
+    for size in ([] if "txt2img" in args.skip else args.txt2img_sizes):
         def run_reference():
             return ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=CFG,
                        height=size, width=size, generator=torch.Generator().manual_seed(0)).images[0]
@@ -277,7 +277,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="timed rounds per comparison")
     parser.add_argument("--peers", help="comma-separated extra peers: openvino, sdcpp, or none (default: openvino, "
                         "and sdcpp once `bash bench/setup.sh` has built it; none with --smoke)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: fp32,bf16,memory,peak")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: fp32,bf16,txt2img,memory,peak")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores; 1 with --smoke, where "
                         "tiny ops would mostly wait on each other)")
     # internal: one system's memory measurement in its own process
