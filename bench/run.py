@@ -167,7 +167,8 @@ def measure_memory(args, folder: Path, report: Report) -> None:
     """Each system in a fresh process: load the folder, one txt2img image; load time and peak RSS."""
     systems = [("diffusers", "bf16", False), ("sdgen", "bf16", False)]
     if not args.smoke:
-        systems += [("sdgen", "bf16", True), ("diffusers", "fp32", False), ("sdgen", "fp32", False)]
+        systems += [("sdgen", "bf16", True), ("diffusers", "fp32", False), ("sdgen", "fp32", False),
+                    ("sdgen", "fp32", True)]
     for system, dtype_name, fast in systems:
         command = [sys.executable, __file__, "--child-memory", system, "--dtype", dtype_name, "--folder", str(folder),
                    "--size", str(args.memory_size), "--steps", "2", "--threads", str(args.threads)]
