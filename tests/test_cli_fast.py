@@ -61,3 +61,13 @@ def test_server_fast_loads_models_onto_the_fast_path(model, tmp_path):
         assert response.status_code == 200, response.text
         unet = fastapi_app(app).state.server.worker.pipeline.unet
         assert any("forward" in layer.__dict__ for layer in unet.modules())  # prepacked layers
+
+
+def test_replay_uses_the_step_cache_the_image_was_made_with(model, tmp_path):
+    cached, text = _generate(model, tmp_path / "cached", "--step-cache", "2")
+    [original] = list((tmp_path / "cached").iterdir())
+    assert main(["replay", str(original), "--model", model, "--out", str(tmp_path / "again")]) == 0
+    [path] = list((tmp_path / "again").iterdir())
+    with Image.open(path) as image:
+        assert "Step cache: 2" in image.info["parameters"] and "Step cache: 2" in text
+        assert np.array_equal(np.asarray(image.convert("RGB"), dtype=np.int16), cached)

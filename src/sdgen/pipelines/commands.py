@@ -245,7 +245,7 @@ def run_upscale(args: argparse.Namespace) -> int:
 def run_replay(args: argparse.Namespace) -> int:
     """sdgen replay IMAGE: the same request again, saved as a new file."""
     from sdgen.pipelines.image_files import read_infotext
-    from sdgen.pipelines.replay import replay, replay_request
+    from sdgen.pipelines.replay import replay, replay_request, step_cache_of
 
     text = read_infotext(args.image)
     if not text:
@@ -253,6 +253,7 @@ def run_replay(args: argparse.Namespace) -> int:
     init = _load_input(args.init) if args.init else None
     mask = _load_input(args.mask) if args.mask else None
     replay_request(text, init_image=init, mask=mask)  # fails fast, before the model loads
+    args.step_cache = args.step_cache or step_cache_of(text)  # step caching changes the image: same again
     pipeline = _load_pipeline(args)
     save_result(replay(pipeline, text, init_image=init, mask=mask, progress=True), args)
     return 0

@@ -28,6 +28,17 @@ def _number(params: dict[str, str], key: str, kind):
         raise ReplayError(f"the infotext has no usable {key!r} (got {params.get(key)!r})") from None
 
 
+def step_cache_of(text: str) -> int:
+    """The step-cache interval an image was made with (`Step cache: N`), 0 when none."""
+    params = parse_infotext(text)
+    if "Step cache" not in params:
+        return 0
+    interval = _number(params, "Step cache", int)
+    if interval < 2:
+        raise ReplayError(f"the infotext's 'Step cache' must be at least 2 (got {interval})")
+    return interval
+
+
 def request_fields(text: str) -> dict:
     """GenerationRequest / Img2ImgRequest fields from an infotext (A1111's keys, as sdgen writes them)."""
     params = parse_infotext(text)
