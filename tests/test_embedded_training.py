@@ -106,3 +106,56 @@ def test_exported_clip_folder_declares_its_pixel_range(trained):
     array = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
     pixels = CLIPImageProcessor.from_pretrained(folder)(images=Image.fromarray(array), return_tensors="np")["pixel_values"][0]
     assert np.abs(pixels - (array.transpose(2, 0, 1) / 255 * 2 - 1)).max() < 1e-5
+
+
+def test_export_records_the_steps_each_stage_reached(trained):
+    from sdgen.train.continue_from import read_training_record
+
+    assert read_training_record(trained / "model") == {"autoencoder": 2, "clip": 2, "unet": 3}
+
+
+def test_a_new_run_continues_from_the_exported_model(trained, tmp_path, monkeypatch):
+    """A machine with the package but not the run: every stage starts from the export's weights
+    at its recorded step, so only the U-Net's extra steps are trained."""
+    import tomllib
+
+    from sdgen.train.checkpoint import load_checkpoint
+
+    config = tmp_path / "longer.toml"
+    config.write_text((trained / "tiny.toml").read_text().replace("steps = 3\n", "steps = 5\n"))
+    assert tomllib.loads(config.read_text())["unet"]["steps"] == 5
+    run = tmp_path / "run"
+    calls = []
+    original = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    run_training("unet", config_path=str(config), run_dir=str(run), init_from=str(trained / "model"))
+
+    assert load_checkpoint(run / "autoencoder" / "checkpoint.pt")["step"] == 2
+    assert len(calls) == 2  # steps 4 and 5 trained, 1 to 3 taken from the export
+    assert load_checkpoint(run / "unet" / "checkpoint.pt")["step"] == 5
+    exported = sdgen.load(trained / "model").unet.state_dict()
+    continued = load_checkpoint(run / "unet" / "checkpoint.pt")["model"]
+    assert any(not torch.equal(continued[k], exported[k].float()) for k in exported)
+
+
+def test_continuing_never_replaces_a_runs_own_checkpoint(trained):
+    from sdgen.train.continue_from import seed_run
+
+    before = (trained / "run" / "unet" / "checkpoint.pt").read_bytes()
+    assert seed_run(trained / "run", trained / "model", {"unet": torch.nn.Linear(1, 1)}) == []
+    assert (trained / "run" / "unet" / "checkpoint.pt").read_bytes() == before
+
+
+def test_continuing_from_a_folder_without_a_record_is_a_user_error(tmp_path):
+    from sdgen.errors import UserError
+    from sdgen.train.continue_from import seed_run
+
+    with pytest.raises(UserError, match="training.json"):
+        seed_run(tmp_path / "run", tmp_path, {"unet": torch.nn.Linear(1, 1)})
+
+
+def test_the_shipped_model_records_its_training():
+    from sdgen.pipelines.loading import embedded_model_path
+    from sdgen.train.continue_from import read_training_record
+
+    assert read_training_record(embedded_model_path())["unet"] > 0

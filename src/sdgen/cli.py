@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     train.add_argument("--steps", type=int, default=None, help="override the stage's step count (smoke tests)")
     train.add_argument("--out", default=None, help="export folder (default: the packaged embedded model)")
+    train.add_argument("--init-from", default=None, metavar="FOLDER",
+                       help="start stages the run has no checkpoint for from an exported model folder "
+                            "(e.g. src/sdgen/data/embedded) at the steps its training.json records")
     evaluate = commands.add_parser("eval", help="score a model on scene prompts (held-out set by default)")
     evaluate.add_argument("--model", default=None, help="model folder or file (default: the embedded model)")
     evaluate.add_argument("--prompts", default=None, help="file of captions, one per line (default: the held-out set)")
@@ -215,7 +218,7 @@ def run_train(args: argparse.Namespace) -> int:
     from sdgen.train.embedded import run_training
 
     run_training(args.stage, config_path=args.config, run_dir=args.run, threads=args.threads,
-                 steps=args.steps, out=args.out)
+                 steps=args.steps, out=args.out, init_from=args.init_from)
     return 0
 
 

@@ -20,6 +20,7 @@ from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.models.unet import UNet, UNetConfig
 from sdgen.models.vae import AutoencoderKL, VAEConfig
 from sdgen.train.checkpoint import load_checkpoint, save_checkpoint
+from sdgen.train.continue_from import STAGE_WEIGHTS, seed_run
 from sdgen.train.data import SceneStream
 from sdgen.train.diffusion_loss import NoiseObjective
 from sdgen.train.loop import StageSettings, train_stage
@@ -231,8 +232,19 @@ def export(recipe: Recipe, run_dir: Path, out: Path) -> Path:
     clip = _trained(run_dir, "clip", CLIPModel(clip_config(recipe, tokenizer)))
     cache = LatentCache.build(run_dir / "latents", vae, stream, recipe.unet.get("cached_scenes", 65536))
     unet = _trained(run_dir, "unet", UNet(unet_config(recipe, clip.config.text, vae.cfg)))
+    steps = {stage: int(load_checkpoint(run_dir / stage / "checkpoint.pt")["step"]) for stage in STAGE_WEIGHTS}
     return write_diffusers_folder(out, unet=unet, vae=vae, clip=clip, tokenizer=tokenizer,
-                                  scaling_factor=cache.scaling_factor)
+                                  scaling_factor=cache.scaling_factor, training_steps=steps)
+
+
+def continue_from(recipe: Recipe, run_dir: Path, folder: Path, tokenizer: CLIPTokenizer) -> None:
+    """Seed the run's missing stage checkpoints from an exported model folder (`--init-from`)."""
+    vae = AutoencoderKL(vae_config(recipe))
+    clip = CLIPModel(clip_config(recipe, tokenizer))
+    unet = UNet(unet_config(recipe, clip.config.text, vae.cfg))
+    seeded = seed_run(run_dir, folder, {"autoencoder": vae, "clip": clip, "unet": unet})
+    if seeded:
+        print(f"{run_dir}: {', '.join(seeded)} continued from {folder}", flush=True)
 
 
 def stop_on_terminate() -> None:
@@ -244,7 +256,7 @@ def stop_on_terminate() -> None:
 
 
 def run_training(stage: str, *, config_path: str, run_dir: str, threads: int | None = None,
-                 steps: int | None = None, out: str | None = None) -> None:
+                 steps: int | None = None, out: str | None = None, init_from: str | None = None) -> None:
     """`sdgen train STAGE`: one stage, or `all` of them in order (each resumes where it stopped)."""
     from sdgen.pipelines.loading import embedded_model_path
 
@@ -255,6 +267,8 @@ def run_training(stage: str, *, config_path: str, run_dir: str, threads: int | N
     run = Path(run_dir)
     stream = SceneStream(recipe.data)
     tokenizer = make_tokenizer(stream)
+    if init_from:
+        continue_from(recipe, run, Path(init_from), tokenizer)
     for name in (STAGES if stage == "all" else (stage,)):
         if name == "autoencoder":
             train_autoencoder(recipe, run, stream, steps)

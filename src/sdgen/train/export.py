@@ -12,6 +12,7 @@ from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.models.unet import UNet
 from sdgen.models.vae import AutoencoderKL
 from sdgen.runtime.files import folder_written_atomically, write_json
+from sdgen.train.continue_from import write_training_record
 
 DIFFUSERS_VERSION = "0.42.1"  # the format version we write, as diffusers records it
 
@@ -23,9 +24,11 @@ def _save_weights(path: Path, module: torch.nn.Module, keep=lambda key: True, dt
 
 
 def write_diffusers_folder(out: Path, *, unet: UNet, vae: AutoencoderKL, clip: CLIPModel,
-                           tokenizer: CLIPTokenizer, scaling_factor: float) -> Path:
+                           tokenizer: CLIPTokenizer, scaling_factor: float,
+                           training_steps: dict[str, int] | None = None) -> Path:
     """Write model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ and clip/
-    (the whole small CLIP, for ranking) into `out`, replacing it only once complete."""
+    (the whole small CLIP, for ranking) into `out`, replacing it only once complete; with
+    `training_steps`, also training.json, from which `sdgen train --init-from` continues."""
     out = Path(out)
     with folder_written_atomically(out) as staging:
         write_json(staging / "model_index.json", {
@@ -66,4 +69,6 @@ def write_diffusers_folder(out: Path, *, unet: UNet, vae: AutoencoderKL, clip: C
             "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
         })
+        if training_steps:
+            write_training_record(staging, training_steps)
     return out
