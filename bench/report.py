@@ -41,6 +41,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     unavailable: dict[str, str] = field(default_factory=dict)
     end_line: str = ""
+    # group -> the system its ratios divide by; "diffusers <group>" unless set here
+    baselines: dict[str, str] = field(default_factory=dict)
 
     def add(self, timings: Timings, dtype_name: str) -> None:
         self.rows.append((timings, dtype_name))
@@ -66,10 +68,13 @@ class Report:
                 f"{name} {value:.0f} GFLOP/s" for name, value in self.peaks.items()))
         lines += ["", "Ratios are sdgen (or peer) time / diffusers time in the same dtype, the median of "
                   "per-round ratios with the systems run in alternation; below 1 is faster than diffusers.", ""]
+        lines += [f"In the {group} group, every ratio is to {baseline} instead." for group, baseline in
+                  self.baselines.items() if any(name == group for _, name in self.rows)]
+        lines += [""] if lines[-1] != "" else []
         lines += ["| workload | dtype | system | ratio | median s | GFLOP/s | % of GEMM peak |",
                   "|---|---|---|---|---|---|---|"]
         for timings, dtype_name in self.rows:
-            baseline = f"diffusers {dtype_name}"
+            baseline = self.baselines.get(dtype_name, f"diffusers {dtype_name}")
             for name in timings.seconds:
                 ratio = timings.ratio(name, baseline) if baseline in timings.seconds else float("nan")
                 median = timings.median(name)

@@ -156,6 +156,65 @@ def bench_dtype(args, spec, folder: Path, dtype_name: str, report: Report, fp32_
     del ref, ours, fast, cached
 
 
+def bench_fastest(args, spec, folder: Path, report: Report) -> None:
+    """Each system's fastest CPU path, interleaved, as ratios to diffusers bf16 (the issue's yardstick).
+
+    On CPUs whose bf16 matmuls are slower than fp32 (AVX-512 BF16 without AMX), sdgen's fastest
+    path is fp32 with `--fast` (prepacked oneDNN weights), not bf16; this group measures it against
+    the peers' bf16 paths in the same rounds rather than across groups run minutes apart.
+    """
+    group = "fastest"
+    report.baselines[group] = "diffusers bf16"
+    ref = load_reference(folder, torch.bfloat16)
+    fast = accelerate_pipeline(sdgen_from_reference(load_reference(folder, torch.float32), torch.float32))
+    cached = accelerate_pipeline(sdgen_from_reference(load_reference(folder, torch.float32), torch.float32),
+                                 FastOptions(step_cache=STEP_CACHE))
+    with torch.inference_mode():
+        for size in args.unet_sizes:
+            x, t, context = unet_inputs(spec, size, torch.bfloat16)
+            x32, context32 = x.float(), context.float()
+            systems = {"diffusers bf16": lambda: ref.unet(x, t, context).sample,
+                       "sdgen fp32 fast": lambda: fast.unet(x32, t, context32)}
+            if args.peers and "openvino" in args.peers:
+                converted = peers.openvino_unet(ref.unet, (x, t, context), "bf16")
+                if converted:
+                    systems["openvino bf16"] = converted.call
+            log(f"fastest U-Net step {size}: {', '.join(systems)}")
+            timings = interleaved(f"U-Net step {size}x{size}, batch 2", systems, args.rounds, warmup=1)
+            timings.flops = count_flops(lambda: fast.unet(x32, t, context32))
+            report.add(timings, group)
+            del systems
+
+        side = args.vae_size // spec.vae.downsample_factor
+        latents = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(1))
+        decoders = {"diffusers bf16": lambda: ref.vae.decode(latents.to(torch.bfloat16)).sample,
+                    "sdgen fp32 fast": lambda: fast.vae.decode(latents)}
+        log("fastest VAE decode")
+        timings = interleaved(f"VAE decode {args.vae_size}x{args.vae_size}", decoders, args.rounds, warmup=1)
+        timings.flops = count_flops(decoders["sdgen fp32 fast"])
+        report.add(timings, group)
+
+    for size in ([] if "txt2img" in args.skip else args.txt2img_sizes[-1:]):
+        def run_sdgen(pipe):
+            return lambda: pipe.generate(prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps, sampler="Euler",
+                                         cfg_scale=CFG, width=size, height=size, seed=0).images[0]
+
+        systems = {"diffusers bf16": lambda: ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps,
+                                                 guidance_scale=CFG, height=size, width=size,
+                                                 generator=torch.Generator().manual_seed(0)).images[0],
+                   "sdgen fp32 fast": run_sdgen(fast),
+                   f"sdgen fp32 fast + step cache {STEP_CACHE}": run_sdgen(cached)}
+        log(f"fastest txt2img {size}")
+        timings = interleaved(f"txt2img {size}x{size}, {args.steps} Euler steps, CFG (text + U-Net + decode)",
+                              systems, max(1, args.rounds - 1), warmup=0)
+        report.add(timings, group)
+        images = {name: _pixels(image) for name, image in timings.outputs.items()}
+        for name in (f"sdgen fp32 fast + step cache {STEP_CACHE}", "diffusers bf16"):
+            report.quality(f"txt2img {size}: {name} vs sdgen fp32 fast",
+                           *image_quality(images[name], images["sdgen fp32 fast"]))
+    del ref, fast, cached
+
+
 def _pixels(image) -> torch.Tensor:
     """A PIL image as a float tensor in [-1, 1]."""
     import numpy as np
@@ -278,7 +337,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="timed rounds per comparison")
     parser.add_argument("--peers", help="comma-separated extra peers: openvino, sdcpp, or none (default: openvino, "
                         "and sdcpp once `bash bench/setup.sh` has built it; none with --smoke)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: fp32,bf16,txt2img,memory,peak")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: fp32,bf16,fastest,txt2img,memory,peak")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores; 1 with --smoke, where "
                         "tiny ops would mostly wait on each other)")
     # internal: one system's memory measurement in its own process
@@ -328,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     for dtype_name in ("fp32", "bf16"):
         if dtype_name not in args.skip:
             bench_dtype(args, spec, folder, dtype_name, report, fp32_images)
+    if "fastest" not in args.skip:
+        bench_fastest(args, spec, folder, report)
     if "sdcpp" in args.peers:  # stable-diffusion.cpp's CLI, each run in its own process (bench/sdcpp.py)
         peers.bench_sdcpp(folder, args.workdir, report, smoke=args.smoke, size=max(args.unet_sizes),
                           steps=args.steps, threads=args.threads, log=log)
