@@ -44,7 +44,9 @@ def test_bench_smoke_mode_writes_every_section(tmp_path: Path) -> None:
     assert "| txt2img 64: sdgen fp32 vs diffusers fp32 |" in text  # the same image from both
     # the fastest paths, each as a ratio to diffusers bf16 measured in the same rounds
     assert "In the fastest group, every ratio is to diffusers bf16 instead." in text
-    fastest = {line.split("|")[1].strip(): line for line in text.splitlines() if "| fastest | sdgen fp32 fast |" in line}
+    ours = re.search(r"fastest group: sdgen in (fp32|bf16)", text).group(1)
+    fastest = {line.split("|")[1].strip(): line for line in text.splitlines()
+               if f"| fastest | sdgen {ours} fast |" in line}
     assert {"U-Net step 64x64, batch 2", "VAE decode 64x64"} <= set(fastest), fastest
     assert any(line.startswith("| txt2img 64x64") for line in fastest.values())
-    assert "| txt2img 64: sdgen fp32 fast + step cache 3 vs sdgen fp32 fast |" in text
+    assert f"| txt2img 64: sdgen {ours} fast + step cache 3 vs sdgen {ours} fast |" in text
