@@ -47,10 +47,11 @@ def memory_kib(pid: int) -> dict[str, int]:
     return values
 
 
-def start_server(model: str | None, data_dir: Path, threads: int, timeout: float) -> tuple[subprocess.Popen, str]:
+def start_server(model: str | None, data_dir: Path, threads: int, timeout: float,
+                 serve_args: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "sdgen.cli", "serve", "--port", str(port), "--data-dir", str(data_dir),
-               "--queue-size", "1000", *(["--model", model] if model else [])]
+               "--queue-size", "1000", *(["--model", model] if model else []), *serve_args]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -96,14 +97,17 @@ def queued_jobs(client: httpx.Client, pid: int, request: dict, count: int, timeo
 
 
 def poll_progress(base_url: str, stop: threading.Event, latencies: list[float]) -> None:
-    """GET /sdapi/v1/progress at POLL_HZ on one keep-alive connection until `stop`; each answer's latency.
+    """GET /sdapi/v1/progress every 1/POLL_HZ s (start to start, as a timer-driven page does) on one
+    keep-alive connection until `stop`; records each answer's latency.
 
     The poller runs on the same two cores as the server, so it uses the standard library's
     http.client (about 0.1 ms of CPU per request here) rather than httpx (0.5 to 0.7 ms): what is
-    measured is the server's cost of being polled, not this client's.
+    measured is the server's cost of being polled, not this client's. A slow answer delays the
+    next poll (one request in flight, as in a browser), so the achieved rate is reported too.
     """
     parts = urlsplit(base_url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    next_poll = time.perf_counter()
     try:
         while not stop.is_set():
             start = time.perf_counter()
@@ -113,7 +117,8 @@ def poll_progress(base_url: str, stop: threading.Event, latencies: list[float]) 
             if response.status != 200:
                 raise SystemExit(f"load_test: progress answered {response.status}")
             latencies.append(time.perf_counter() - start)
-            stop.wait(1 / POLL_HZ)
+            next_poll = max(next_poll + 1 / POLL_HZ, time.perf_counter())
+            stop.wait(next_poll - time.perf_counter())
     finally:
         connection.close()
 
@@ -134,6 +139,7 @@ def timed_generation(client: httpx.Client, request: dict, poll: bool, latencies:
 
 
 def report(queue: dict, plain: list[float], polled: list[float], latencies: list[float]) -> str:
+    rate = (len(latencies) - len(polled)) / sum(polled)  # intervals: each round's first poll is at 0 s
     mib = lambda kib: f"{kib / 1024:.0f} MiB"  # noqa: E731
     # each round times a plain and a polled generation back to back; the median of their ratios
     # cancels the machine's slow drifts, which on a shared VM are as large as the effect measured
@@ -146,6 +152,7 @@ def report(queue: dict, plain: list[float], polled: list[float], latencies: list
         ("server RSS max sampled / peak (VmHWM)", f"{mib(queue['rss_max_sampled'])} / {mib(queue['peak'])}"),
         ("generation, median of rounds", f"{statistics.median(plain):.2f} s"),
         (f"same, progress polled {POLL_HZ}/s", f"{statistics.median(polled):.2f} s"),
+        ("polls answered per second while generating", f"{rate:.1f}"),
         ("progress answer while generating: median / 95th percentile / max",
          " / ".join(f"{statistics.quantiles(latencies, n=100)[q] * 1000:.1f} ms" for q in (49, 94))
          + f" / {max(latencies) * 1000:.1f} ms"),
@@ -163,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None, help="width and height (default: the model's)")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the server")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed for each phase")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="extra `sdgen serve` argument (repeat; e.g. --serve-arg=--request-nice=0)")
     args = parser.parse_args(argv)
     if not 1 <= args.jobs <= MAX_JOBS or args.rounds < 1:
         parser.error(f"--jobs must be 1 to {MAX_JOBS} and --rounds at least 1")
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.size:
         request.update(width=args.size, height=args.size)
     with tempfile.TemporaryDirectory(prefix="sdgen-load-") as data:
-        process, url = start_server(args.model, Path(data), args.threads, args.timeout)
+        process, url = start_server(args.model, Path(data), args.threads, args.timeout, args.serve_arg)
         try:
             with httpx.Client(base_url=url, timeout=args.timeout) as client:
                 timed_generation(client, request, poll=False, latencies=[])  # loads the model

@@ -20,5 +20,5 @@ def test_load_test_script_reports_every_row():
     table = done.stdout
     assert "| queued jobs finished | 4 of 4 in" in table
     assert "| finished in the order queued | yes |" in table
-    for row in ("server RSS before", "server RSS max sampled", "slowdown from polling"):
+    for row in ("server RSS before", "server RSS max sampled", "polls answered per second", "slowdown from polling"):
         assert f"| {row}" in table
