@@ -109,21 +109,50 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+# Blocked attention pays off from this many keys on (self-attention); with the 77 keys of a text
+# context PyTorch's kernel is as fast and rounds less.
+BLOCKED_MIN_KEYS = 256
+
+
 def multi_head_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False, blocked: bool = False
 ) -> torch.Tensor:
     """Scaled dot-product attention over (batch, tokens, heads * head_dim) tensors.
 
     `upcast` computes in float32 for fp16/bf16 inputs: SD 2.x's attention logits overflow fp16.
+    `blocked` (the CPU fast path) uses `blocked_attention` for bf16 self-attention at inference.
     """
     batch, _, inner = q.shape
     head_dim = inner // heads
     q, k, v = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
     dtype = q.dtype
+    if blocked and dtype == torch.bfloat16 and k.shape[2] >= BLOCKED_MIN_KEYS and not q.requires_grad:
+        return blocked_attention(q, k, v).transpose(1, 2).reshape(batch, -1, inner)
     if upcast and dtype in _LOW_PRECISION:
         q, k, v = q.float(), k.float(), v.float()
     out = F.scaled_dot_product_attention(q, k, v)
     return out.to(dtype).transpose(1, 2).reshape(batch, -1, inner)
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """Attention over (batch, heads, tokens, head_dim) tensors as plain matrix products, one head and
+    `block` queries at a time.
+
+    On CPUs without AMX, PyTorch's flash attention runs SD's bf16 self-attention far below the bf16
+    matrix-product rate (head sizes of 40 to 160, and 512 in the VAE); a block's scores (block x
+    keys) fit in cache, and this is 1.8x (U-Net, 1024 tokens) to 3.7x (VAE, 4096 tokens) faster
+    (bench/RESULTS.md). The weights are rounded to the input dtype before the value product.
+    """
+    batch, heads, tokens, head_dim = q.shape
+    queries = (q * head_dim ** -0.5).reshape(batch * heads, tokens, head_dim)
+    keys = k.reshape(batch * heads, -1, head_dim).transpose(1, 2).contiguous()
+    values = v.reshape(batch * heads, -1, head_dim)
+    out = torch.empty_like(queries)
+    for head in range(batch * heads):
+        for start in range(0, tokens, block):
+            weights = torch.mm(queries[head, start:start + block], keys[head]).softmax(-1)
+            torch.mm(weights, values[head], out=out[head, start:start + block])
+    return out.view(batch, heads, tokens, head_dim)
 
 
 class Attention(nn.Module):
@@ -135,6 +164,7 @@ class Attention(nn.Module):
         inner = heads * head_dim
         self.heads = heads
         self.upcast = upcast
+        self.blocked = False  # blocked_attention for bf16 self-attention (set by sdgen.runtime.fast)
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
@@ -142,7 +172,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        out = multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast)
+        out = multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast,
+                                   self.blocked)
         return self.to_out[0](out)
 
 
@@ -237,6 +268,7 @@ class SelfAttention2d(nn.Module):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
         self.upcast = False  # attention in float32 for bf16 inputs (set by sdgen.runtime.fast)
+        self.blocked = False  # blocked_attention for bf16 inputs (set by sdgen.runtime.fast)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -246,11 +278,13 @@ class SelfAttention2d(nn.Module):
         batch, channels, height, width = x.shape
         if is_channels_last(x):  # the fast path: tokens are a free view of a channels-last image
             h = self.group_norm(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-            h = multi_head_attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1, upcast=self.upcast)
+            h = multi_head_attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1, upcast=self.upcast,
+                                     blocked=self.blocked)
             return x + self.to_out[0](h).reshape(batch, height, width, channels).permute(0, 3, 1, 2)
         # normalising the (b, c, h*w) view, as diffusers does, keeps results bit-identical
         h = self.group_norm(x.view(batch, channels, height * width)).transpose(1, 2)
-        h = multi_head_attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1, upcast=self.upcast)
+        h = multi_head_attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1, upcast=self.upcast,
+                                     blocked=self.blocked)
         h = self.to_out[0](h).transpose(1, 2).reshape(batch, channels, height, width)
         # h is a strided view; h + x (not x + h) yields diffusers' memory layout and so its exact rounding
         return h + x

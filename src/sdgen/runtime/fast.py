@@ -41,6 +41,7 @@ class FastOptions:
 
     channels_last: bool = False  # measured no faster than NCHW once weights are prepacked (RESULTS.md)
     fp32_attention: bool = True
+    blocked_attention: bool = True  # bf16 self-attention as blocked matrix products (layers.blocked_attention)
     prepack: bool = True
     step_cache: int = 0  # run the whole U-Net every this many steps, the shallow levels in between
 
@@ -61,6 +62,7 @@ def accelerate(module: nn.Module, options: FastOptions = FastOptions()) -> nn.Mo
         if isinstance(child, (Attention, SelfAttention2d)):
             # `upcast` set by the config (SD 2.x) stays on whatever the options say
             child.upcast = child.upcast or options.fp32_attention
+            child.blocked = options.blocked_attention
     return module
 
 
@@ -143,8 +145,8 @@ def restore(module: nn.Module) -> nn.Module:
     upcast = bool(getattr(getattr(module, "cfg", None), "upcast_attention", False))
     for child in module.modules():
         if isinstance(child, Attention):
-            child.upcast = upcast
+            child.upcast, child.blocked = upcast, False
         elif isinstance(child, SelfAttention2d):
-            child.upcast = False
+            child.upcast, child.blocked = False, False
     return module
 
