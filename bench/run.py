@@ -33,10 +33,10 @@ from timing import count_flops, gemm_peak, interleaved, machine_line  # noqa: E4
 
 import peers  # noqa: E402
 from sdgen.runtime.fast import FastOptions, accelerate, accelerate_pipeline  # noqa: E402
-from sdgen.runtime.step_cache import StepCache  # noqa: E402
 
 PROMPT, NEGATIVE, CFG = "a tranquil lake with the mountains at sunset", "", 7.5
 STEP_CACHE = 3  # DeepCache interval of the "step cache" variant: the whole U-Net every third step
+TOKEN_MERGING = 0.5  # ToMe ratio of the "token merging" variant (ToMe for SD's usual setting)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _START = time.perf_counter()
 
@@ -203,27 +203,28 @@ def bench_fastest(args, spec, folder: Path, report: Report) -> None:
         report.add(timings, group)
 
     for size in ([] if "txt2img" in args.skip else args.txt2img_sizes[-1:]):
-        def run_sdgen(step_cache: int):
+        def run_sdgen(step_cache: int = 0, token_merging: float = 0.0):
             def generate():
-                fast.unet.step_cache = StepCache(step_cache) if step_cache else None
+                accelerate(fast.unet, FastOptions(step_cache=step_cache, token_merging=token_merging))
                 try:
                     return fast.generate(prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps, sampler="Euler",
                                          cfg_scale=CFG, width=size, height=size, seed=0).images[0]
                 finally:
-                    fast.unet.step_cache = None
+                    accelerate(fast.unet)
             return generate
 
-        cached = f"{system} + step cache {STEP_CACHE}"
+        cached, merged = f"{system} + step cache {STEP_CACHE}", f"{system} + token merging {TOKEN_MERGING}"
         systems = {"diffusers bf16": lambda: ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps,
                                                  guidance_scale=CFG, height=size, width=size,
                                                  generator=torch.Generator().manual_seed(0)).images[0],
-                   system: run_sdgen(0), cached: run_sdgen(STEP_CACHE)}
+                   system: run_sdgen(), cached: run_sdgen(step_cache=STEP_CACHE),
+                   merged: run_sdgen(token_merging=TOKEN_MERGING)}
         log(f"fastest txt2img {size}")
         timings = interleaved(f"txt2img {size}x{size}, {args.steps} Euler steps, CFG (text + U-Net + decode)",
                               systems, max(1, args.rounds - 1), warmup=0)
         report.add(timings, group)
         images = {name: _pixels(image) for name, image in timings.outputs.items()}
-        for name in (cached, "diffusers bf16"):
+        for name in (cached, merged, "diffusers bf16"):
             report.quality(f"txt2img {size}: {name} vs {system}", *image_quality(images[name], images[system]))
     del ref, fast
 

@@ -1,5 +1,6 @@
-"""`--fast` and `--step-cache` on the command line, and `sdgen serve --fast`: the fast paths change rounding only, step caching
-changes the image and says so in its parameters, and a bad interval is refused before loading."""
+"""`--fast`, `--step-cache` and `--token-merging` on the command line, and `sdgen serve --fast`: the fast paths change
+rounding only, step caching and token merging change the image and say so in its parameters (so that replay does the
+same again), and a bad interval or ratio is refused before loading."""
 
 from __future__ import annotations
 
@@ -42,12 +43,17 @@ def test_fast_changes_rounding_only_and_step_cache_is_recorded(model, tmp_path):
     assert np.abs(cached - plain).max() > 2  # the in-between steps reuse deep features
 
 
-@pytest.mark.parametrize("value", ["1", "0", "-3", "three"])
-def test_bad_step_cache_interval_is_one_line_and_exit_2(model, capsys, value):
+BAD_VALUES = [("--step-cache", value, "expected an interval of at least 2 steps") for value in ("1", "0", "-3", "three")]
+BAD_VALUES += [("--token-merging", value, "expected a share of tokens above 0 and at most 0.75")
+               for value in ("0", "0.9", "-0.5", "half")]
+
+
+@pytest.mark.parametrize("option, value, message", BAD_VALUES)
+def test_bad_interval_or_ratio_is_one_line_and_exit_2(model, capsys, option, value, message):
     with pytest.raises(SystemExit) as exited:
-        main(["generate", "x", "--model", model, "--step-cache", value])
+        main(["generate", "x", "--model", model, option, value])
     assert exited.value.code == 2
-    assert "--step-cache: expected an interval of at least 2 steps" in capsys.readouterr().err
+    assert f"{option}: {message}" in capsys.readouterr().err
 
 
 def test_server_fast_loads_models_onto_the_fast_path(model, tmp_path):
@@ -71,3 +77,16 @@ def test_replay_uses_the_step_cache_the_image_was_made_with(model, tmp_path):
     with Image.open(path) as image:
         assert "Step cache: 2" in image.info["parameters"] and "Step cache: 2" in text
         assert np.array_equal(np.asarray(image.convert("RGB"), dtype=np.int16), cached)
+
+
+def test_token_merging_is_recorded_and_replayed(model, tmp_path):
+    plain, _ = _generate(model, tmp_path / "plain", "--width", "128", "--height", "128")
+    merged, text = _generate(model, tmp_path / "merged", "--width", "128", "--height", "128", "--token-merging", "0.5")
+    assert "Token merging ratio: 0.5" in text
+    assert np.abs(merged - plain).max() > 2  # self-attention ran on fewer tokens
+    [original] = list((tmp_path / "merged").iterdir())
+    assert main(["replay", str(original), "--model", model, "--out", str(tmp_path / "again")]) == 0
+    [path] = list((tmp_path / "again").iterdir())
+    with Image.open(path) as image:
+        assert "Token merging ratio: 0.5" in image.info["parameters"]
+        assert np.array_equal(np.asarray(image.convert("RGB"), dtype=np.int16), merged)

@@ -19,6 +19,16 @@ def _step_cache_interval(text: str) -> int:
     return value
 
 
+def _token_merging_ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 0.75:
+        raise argparse.ArgumentTypeError(f"expected a share of tokens above 0 and at most 0.75, got {text!r}")
+    return value
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None, help="diffusers folder, .safetensors or .ckpt (default: the embedded model)")
@@ -31,6 +41,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="CPU fast paths: weights prepacked for oneDNN, attention in fp32 or blocked bf16 (rounding changes only)")
     group.add_argument("--step-cache", type=_step_cache_interval, default=0, metavar="N",
                        help="implies --fast: the whole U-Net only every N-th step (DeepCache); faster, images change")
+    group.add_argument("--token-merging", type=_token_merging_ratio, default=0.0, metavar="RATIO",
+                       help="implies --fast: merge this share of similar tokens before self-attention at the "
+                            "top level (ToMe; 0.5 is usual); faster at 512x512 and up, images change")
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdgen.runtime.token_merging import TokenMerge, plan_merge
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -213,8 +215,11 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x: torch.Tensor, context: torch.Tensor, merge: TokenMerge | None = None) -> torch.Tensor:
+        if merge is None:
+            x = x + self.attn1(self.norm1(x))
+        else:  # token merging (runtime/token_merging.py): self-attention on fewer tokens
+            x = x + merge.unmerge(self.attn1(merge.merge(self.norm1(x))))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -232,6 +237,7 @@ class SpatialTransformer(nn.Module):
         head_dim = channels // heads
         inner = heads * head_dim
         self.linear_projection = linear_projection
+        self.token_merging = 0.0  # share of tokens merged before self-attention (set by sdgen.runtime.fast)
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         if linear_projection:
             self.proj_in, self.proj_out = nn.Linear(channels, inner), nn.Linear(inner, channels)
@@ -250,7 +256,8 @@ class SpatialTransformer(nn.Module):
         if self.linear_projection:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            merge = plan_merge(h, height, width, self.token_merging) if self.token_merging else None
+            h = block(h, context) if merge is None else block(h, context, merge)
         if self.linear_projection:
             h = self.proj_out(h)
         h = h.reshape(batch, height, width, -1).permute(0, 3, 1, 2)

@@ -69,7 +69,8 @@ class CrossOnlyTransformerBlock(TransformerBlock):
         super().__init__(dim, heads, head_dim, context_dim, upcast)
         self.attn1 = Attention(dim, heads, head_dim, context_dim=context_dim, upcast=upcast)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, merge=None) -> torch.Tensor:
+        # no self-attention, so nothing for token merging to shorten: `merge` is ignored
         x = x + self.attn1(self.norm1(x), context)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))

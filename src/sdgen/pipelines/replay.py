@@ -39,6 +39,17 @@ def step_cache_of(text: str) -> int:
     return interval
 
 
+def token_merging_of(text: str) -> float:
+    """The token merging ratio an image was made with (`Token merging ratio: R`), 0 when none."""
+    params = parse_infotext(text)
+    if "Token merging ratio" not in params:
+        return 0.0
+    ratio = _number(params, "Token merging ratio", float)
+    if not 0 <= ratio <= 0.75:
+        raise ReplayError(f"the infotext's 'Token merging ratio' must be from 0 to 0.75 (got {ratio})")
+    return ratio
+
+
 def request_fields(text: str) -> dict:
     """GenerationRequest / Img2ImgRequest fields from an infotext (A1111's keys, as sdgen writes them)."""
     params = parse_infotext(text)

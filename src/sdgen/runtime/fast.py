@@ -30,9 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sdgen.models.layers import Attention, SelfAttention2d
+from sdgen.models.layers import Attention, SelfAttention2d, SpatialTransformer
+from sdgen.models.unet import UNetConfig
 from sdgen.runtime.mapped import file_mappings, release_file_pages
 from sdgen.runtime.step_cache import StepCache
+from sdgen.runtime.token_merging import check_ratio
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class FastOptions:
     blocked_attention: bool = True  # bf16 self-attention as blocked matrix products (layers.blocked_attention)
     prepack: bool = True
     step_cache: int = 0  # run the whole U-Net every this many steps, the shallow levels in between
+    token_merging: float = 0.0  # share of the top attention level's tokens merged (ToMe; 0.5 is usual)
 
 
 def accelerate(module: nn.Module, options: FastOptions = FastOptions()) -> nn.Module:
@@ -54,6 +57,8 @@ def accelerate(module: nn.Module, options: FastOptions = FastOptions()) -> nn.Mo
             _channels_last_kernels(module)
     if hasattr(module, "step_cache"):
         module.step_cache = StepCache(options.step_cache) if options.step_cache > 1 else None
+    for transformer in _top_attention_level(module):
+        transformer.token_merging = check_ratio(options.token_merging)
     if options.prepack and torch.backends.mkldnn.is_available():
         for child in module.modules():
             if _packable(child):
@@ -64,6 +69,22 @@ def accelerate(module: nn.Module, options: FastOptions = FastOptions()) -> nn.Mo
             child.upcast = child.upcast or options.fp32_attention
             child.blocked = options.blocked_attention
     return module
+
+
+def _top_attention_level(module: nn.Module) -> list[SpatialTransformer]:
+    """A U-Net's spatial transformers at its highest-resolution level with attention (down and up),
+    where tokens are most numerous and most alike: the level token merging works on."""
+    cfg = getattr(module, "cfg", None)
+    if not isinstance(cfg, UNetConfig) or not any(cfg.attention):
+        return []
+    level = list(cfg.attention).index(True)
+    stages = (module.down_blocks[level], module.up_blocks[cfg.levels - 1 - level])
+    return [t for stage in stages for t in (stage.attentions or []) if isinstance(t, SpatialTransformer)]
+
+
+def token_merging_ratio(module: nn.Module) -> float:
+    """The token merging ratio a U-Net runs with (0 when off)."""
+    return max((t.token_merging for t in _top_attention_level(module)), default=0.0)
 
 
 def _mkldnn_bf16() -> bool:
@@ -139,6 +160,8 @@ def restore(module: nn.Module) -> nn.Module:
                 conv.weight = nn.Parameter(conv.weight.contiguous(), requires_grad=False)
     if hasattr(module, "step_cache"):
         module.step_cache = None
+    for transformer in _top_attention_level(module):
+        transformer.token_merging = 0.0
     for child in module.modules():
         child.__dict__.pop("forward", None)  # the class's own forward again
         child.__dict__.pop("_packed", None)
