@@ -325,10 +325,16 @@ def test_dreambooth_with_prior_writes_folder_and_single_file(tiny_model, images,
     assert "prior_loss" in (tmp_path / "dreambooth" / "metrics.jsonl").read_text()
     base = sdgen.load(tiny_model)
     request = dict(prompt="sks, square", seed=2, steps=2, sampler="Euler", cfg_scale=3.0, output_type="latent")
-    from_folder = sdgen.load(folder).generate(**request).latents
-    from_single = sdgen.load(single, config=folder).generate(**request).latents
+    loaded_folder, loaded_single = sdgen.load(folder), sdgen.load(single, config=folder)
+    for part in ("unet", "vae", "text_encoder"):  # the same weights either way
+        ours, theirs = getattr(loaded_folder, part).state_dict(), getattr(loaded_single, part).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    from_folder = loaded_folder.generate(**request).latents
+    from_single = loaded_single.generate(**request).latents
     assert (from_folder - base.generate(**request).latents).abs().max() > 1e-4
-    torch.testing.assert_close(from_folder, from_single, rtol=0, atol=1e-5)
+    # equal weights; a single file's tensors sit at other offsets, and on some CPUs oneDNN's
+    # kernels round by alignment (measured 1.1e-4 on an AMD EPYC, 0 on an Intel Xeon)
+    torch.testing.assert_close(from_folder, from_single, rtol=0, atol=1e-3)
     from diffusers import StableDiffusionPipeline
 
     reference = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
