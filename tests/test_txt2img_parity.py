@@ -176,10 +176,10 @@ def test_image_does_not_depend_on_batch_size(models):
     batched = pipe.generate(prompt=PROMPT, seed=77, steps=3, sampler="Euler a", width=SIZE, height=SIZE, n=3, batch_size=3)
     alone = pipe.generate(prompt=PROMPT, seed=79, steps=3, sampler="Euler a", width=SIZE, height=SIZE)
     for a, b in zip(single.images, batched.images):
-        # batched matrix products may block (and so round) differently: a level or two at most,
-        # rarely (measured max 1 on an Intel Xeon, 2 on an AMD EPYC)
-        difference = np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int))
-        assert difference.max() <= 2 and difference.mean() <= 0.05
+        # batched matrix products may block (and so round) differently: a level or two at most
+        # (measured max 1 on an Intel Xeon; 2 on an AMD EPYC, with up to a quarter of the pixels
+        # one level off, depending on what ran before in the process)
+        assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 2
     assert np.array_equal(np.asarray(single.images[2]), np.asarray(alone.images[0]))
     assert single.seeds == [77, 78, 79]
 
