@@ -214,17 +214,19 @@ def bench_fastest(args, spec, folder: Path, report: Report) -> None:
             return generate
 
         cached, merged = f"{system} + step cache {STEP_CACHE}", f"{system} + token merging {TOKEN_MERGING}"
+        both = f"{system} + step cache {STEP_CACHE} + token merging {TOKEN_MERGING}"
         systems = {"diffusers bf16": lambda: ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps,
                                                  guidance_scale=CFG, height=size, width=size,
                                                  generator=torch.Generator().manual_seed(0)).images[0],
                    system: run_sdgen(), cached: run_sdgen(step_cache=STEP_CACHE),
-                   merged: run_sdgen(token_merging=TOKEN_MERGING)}
+                   merged: run_sdgen(token_merging=TOKEN_MERGING),
+                   both: run_sdgen(step_cache=STEP_CACHE, token_merging=TOKEN_MERGING)}
         log(f"fastest txt2img {size}")
         timings = interleaved(f"txt2img {size}x{size}, {args.steps} Euler steps, CFG (text + U-Net + decode)",
                               systems, max(1, args.rounds - 1), warmup=0)
         report.add(timings, group)
         images = {name: _pixels(image) for name, image in timings.outputs.items()}
-        for name in (cached, merged, "diffusers bf16"):
+        for name in (cached, merged, both, "diffusers bf16"):
             report.quality(f"txt2img {size}: {name} vs {system}", *image_quality(images[name], images[system]))
     del ref, fast
 

@@ -51,3 +51,4 @@ def test_bench_smoke_mode_writes_every_section(tmp_path: Path) -> None:
     assert any(line.startswith("| txt2img 64x64") for line in fastest.values())
     assert f"| txt2img 64: sdgen {ours} fast + step cache 3 vs sdgen {ours} fast |" in text
     assert f"| txt2img 64: sdgen {ours} fast + token merging 0.5 vs sdgen {ours} fast |" in text
+    assert f"| txt2img 64: sdgen {ours} fast + step cache 3 + token merging 0.5 vs sdgen {ours} fast |" in text
