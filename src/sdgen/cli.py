@@ -20,12 +20,14 @@ def _step_cache_interval(text: str) -> int:
 
 
 def _token_merging_ratio(text: str) -> float:
+    from sdgen.runtime.token_merging import MAX_RATIO
+
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 < value <= 0.75:
-        raise argparse.ArgumentTypeError(f"expected a share of tokens above 0 and at most 0.75, got {text!r}")
+    if not 0 < value <= MAX_RATIO:
+        raise argparse.ArgumentTypeError(f"expected a share of tokens above 0 and at most {MAX_RATIO}, got {text!r}")
     return value
 
 

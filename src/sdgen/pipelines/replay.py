@@ -44,10 +44,12 @@ def token_merging_of(text: str) -> float:
     params = parse_infotext(text)
     if "Token merging ratio" not in params:
         return 0.0
-    ratio = _number(params, "Token merging ratio", float)
-    if not 0 <= ratio <= 0.75:
-        raise ReplayError(f"the infotext's 'Token merging ratio' must be from 0 to 0.75 (got {ratio})")
-    return ratio
+    from sdgen.runtime.token_merging import check_ratio
+
+    try:
+        return check_ratio(_number(params, "Token merging ratio", float))
+    except ValueError as error:
+        raise ReplayError(f"the infotext's {error}") from None
 
 
 def request_fields(text: str) -> dict:

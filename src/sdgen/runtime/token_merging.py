@@ -17,10 +17,13 @@ from dataclasses import dataclass
 import torch
 
 
+MAX_RATIO = 0.75  # every source token: three of each 2x2 cell
+
+
 def check_ratio(ratio: float) -> float:
-    """The share of tokens to merge: 0 (off) up to 0.75 (every source token)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 0.75:
-        raise ValueError(f"token merging ratio: expected a number from 0 to 0.75, got {ratio!r}")
+    """The share of tokens to merge: 0 (off) up to MAX_RATIO (every source token)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= MAX_RATIO:
+        raise ValueError(f"token merging ratio: expected a number from 0 to {MAX_RATIO}, got {ratio!r}")
     return float(ratio)
 
 
