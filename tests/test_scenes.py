@@ -203,6 +203,36 @@ def test_batches_are_deterministic_and_well_formed():
     assert first.captions == dataset.batch(0).captions
 
 
+_DIGEST_OF_SCENES = """
+import hashlib
+from sdgen.train.scenes import SceneDataset, heldout_prompts
+digest = hashlib.sha256()
+for split in ("train", "heldout"):
+    for family in ("shapes", "landscapes"):
+        batch = SceneDataset(seed=7, split=split, families=(family,), batch_size=24).batch(0)
+        digest.update(batch.images.numpy().tobytes())
+        digest.update("|".join(batch.captions).encode())
+digest.update("|".join(heldout_prompts(60)).encode())
+print(digest.hexdigest())
+"""
+
+
+def test_scenes_do_not_depend_on_the_process_hash_seed():
+    # Sets of strings iterate in an order that changes with PYTHONHASHSEED: a scene drawn from
+    # one would differ between processes, and so would the held-out prompts and their scores.
+    import os
+    import subprocess
+    import sys
+
+    digests = set()
+    for hash_seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        result = subprocess.run([sys.executable, "-c", _DIGEST_OF_SCENES], env=env, capture_output=True,
+                                text=True, check=True, timeout=300)
+        digests.add(result.stdout.strip())
+    assert len(digests) == 1
+
+
 def test_families_and_sizes():
     shapes = SceneDataset(seed=1, size=128, families=("shapes",), batch_size=4).batch(0)
     assert shapes.images.shape == (4, 3, 128, 128)

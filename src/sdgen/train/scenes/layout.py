@@ -338,11 +338,14 @@ def sample_landscape(rng: np.random.Generator, heldout: bool = False) -> Landsca
     """Time of day, one to three of mountains/lake/trees/house/city, sky objects placed above the skyline."""
     time = _pick(rng, TIMES)
     count = int(rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25]))
-    majors = {MAJOR_ELEMENTS[int(i)] for i in rng.permutation(len(MAJOR_ELEMENTS))[:count]}
+    # a list, not a set, where order matters: a set of strings iterates in an order that changes
+    # with each process's hash seed, and the scenes must be a pure function of the seed
+    picked = [MAJOR_ELEMENTS[int(i)] for i in rng.permutation(len(MAJOR_ELEMENTS))[:count]]
+    majors = set(picked)
     if heldout:  # the combination itself, and at most one more major element
         combo = _pick(rng, HELDOUT_LANDSCAPES)
         time = next(iter(combo & set(TIMES)))
-        extra = set(list(majors)[:1]) if rng.random() < 0.4 else set()
+        extra = set(picked[:1]) if rng.random() < 0.4 else set()
         majors = (combo - {"snow"} - set(TIMES)) | ({"mountains"} if "snow" in combo else set()) | extra
     parts = _sample_ground(rng, majors)
     if heldout and "snow" in combo:
