@@ -29,6 +29,11 @@ batch_size = 4
 lr = 1e-3
 kl_weight = 1e-6
 
+[decoder]
+steps = 2
+batch_size = 4
+lr = 1e-3
+
 [clip]
 hidden_size = 32
 intermediate_size = 64
@@ -65,7 +70,7 @@ def trained(tmp_path_factory):
 
 
 def test_every_stage_leaves_a_checkpoint_and_curve(trained):
-    for stage in ("autoencoder", "clip", "unet"):
+    for stage in ("autoencoder", "decoder", "clip", "unet"):
         assert (trained / "run" / stage / "checkpoint.pt").is_file()
         assert (trained / "run" / stage / "loss.png").is_file()
         assert (trained / "run" / stage / "metrics.jsonl").read_text().strip()
@@ -111,15 +116,47 @@ def test_exported_clip_folder_declares_its_pixel_range(trained):
 def test_export_records_the_steps_each_stage_reached(trained):
     from sdgen.train.continue_from import read_training_record
 
-    assert read_training_record(trained / "model") == {"autoencoder": 2, "clip": 2, "unet": 3}
+    import json
+
+    from sdgen.train.embedded import LatentCache
+
+    assert read_training_record(trained / "model") == {"autoencoder": 2, "decoder": 2, "clip": 2, "unet": 3}
+    factor = json.loads((trained / "model" / "vae" / "config.json").read_text())["scaling_factor"]
+    assert LatentCache.recorded_scaling_factor(trained / "run" / "latents") == factor != 1.0
+
+
+def test_decoder_stage_changes_the_decoder_only_and_ships(trained):
+    """The encoder stays as the autoencoder stage left it (the U-Net's latents do not move); the
+    exported VAE is the fine-tuned one."""
+    from sdgen.train.checkpoint import load_checkpoint
+
+    before = load_checkpoint(trained / "run" / "autoencoder" / "checkpoint.pt")["model"]
+    after = load_checkpoint(trained / "run" / "decoder" / "checkpoint.pt")["model"]
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith(("decoder.", "post_quant_conv.")) for name in changed)
+    shipped = sdgen.load(trained / "model").vae.state_dict()
+    name = sorted(changed)[0]
+    assert torch.allclose(shipped[name].float(), after[name], atol=1e-3)
+    assert not torch.allclose(shipped[name].float(), before[name], atol=1e-6)
+
+
+def test_a_recipe_without_a_decoder_section_skips_that_stage(trained, tmp_path, capsys):
+    config = tmp_path / "no-decoder.toml"
+    config.write_text(TINY_RECIPE.replace("[decoder]\nsteps = 2\nbatch_size = 4\nlr = 1e-3\n", ""))
+    assert "[decoder]" not in config.read_text()
+    run_training("decoder", config_path=str(config), run_dir=str(tmp_path / "run"))
+    assert "no [decoder] section" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "decoder").exists()
 
 
 def test_a_new_run_continues_from_the_exported_model(trained, tmp_path, monkeypatch):
     """A machine with the package but not the run: every stage starts from the export's weights
     at its recorded step, so only the U-Net's extra steps are trained."""
+    import json
     import tomllib
 
     from sdgen.train.checkpoint import load_checkpoint
+    from sdgen.train.embedded import LatentCache
 
     config = tmp_path / "longer.toml"
     config.write_text((trained / "tiny.toml").read_text().replace("steps = 3\n", "steps = 5\n"))
@@ -133,6 +170,9 @@ def test_a_new_run_continues_from_the_exported_model(trained, tmp_path, monkeypa
     assert load_checkpoint(run / "autoencoder" / "checkpoint.pt")["step"] == 2
     assert len(calls) == 2  # steps 4 and 5 trained, 1 to 3 taken from the export
     assert load_checkpoint(run / "unet" / "checkpoint.pt")["step"] == 5
+    # the U-Net goes on with the latent scale it was trained with, not one recomputed here
+    shipped_factor = json.loads((trained / "model" / "vae" / "config.json").read_text())["scaling_factor"]
+    assert LatentCache.recorded_scaling_factor(run / "latents") == shipped_factor
     exported = sdgen.load(trained / "model").unet.state_dict()
     continued = load_checkpoint(run / "unet" / "checkpoint.pt")["model"]
     assert any(not torch.equal(continued[k], exported[k].float()) for k in exported)

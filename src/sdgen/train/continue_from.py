@@ -20,12 +20,18 @@ from sdgen.train.checkpoint import save_checkpoint
 
 TRAINING_RECORD = "training.json"
 
-# stage -> its weights in the exported folder (the whole small CLIP lives in clip/)
+# stage -> its weights in the exported folder (the whole small CLIP lives in clip/); the decoder
+# stage fine-tunes the autoencoder's decoder, so both are in vae/
 STAGE_WEIGHTS = {
     "autoencoder": "vae/diffusion_pytorch_model.safetensors",
+    "decoder": "vae/diffusion_pytorch_model.safetensors",
     "clip": "clip/model.safetensors",
     "unet": "unet/diffusion_pytorch_model.safetensors",
 }
+
+
+# every export has these; the decoder stage is optional (a recipe without [decoder] skips it)
+REQUIRED_STAGES = ("autoencoder", "clip", "unet")
 
 
 def write_training_record(folder: Path, steps: dict[str, int]) -> None:
@@ -39,19 +45,24 @@ def read_training_record(folder: Path) -> dict[str, int]:
                         "pass a folder written by `sdgen train export`")
     try:
         steps = json.loads(path.read_text())["steps"]
-        return {stage: int(steps[stage]) for stage in STAGE_WEIGHTS}
+        recorded = {stage: int(steps[stage]) for stage in STAGE_WEIGHTS if stage in steps}
+        missing = [stage for stage in REQUIRED_STAGES if stage not in recorded]
+        if missing:
+            raise KeyError(", ".join(missing))
+        return recorded
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"{path}: not a training record ({error}); re-export the model") from None
 
 
 def seed_run(run_dir: Path, folder: Path, models: dict[str, torch.nn.Module]) -> list[str]:
     """Write `run_dir/<stage>/checkpoint.pt` from `folder` for each stage in `models` that has no
-    checkpoint yet (a run's own progress is never replaced). Returns the stages seeded."""
+    checkpoint yet and a step in the folder's record (a run's own progress is never replaced).
+    Returns the stages seeded."""
     steps = read_training_record(folder)
     seeded = []
     for stage, model in models.items():
         checkpoint = run_dir / stage / "checkpoint.pt"
-        if checkpoint.exists():
+        if checkpoint.exists() or stage not in steps:
             continue
         weights, _ = load_state_dict(folder / STAGE_WEIGHTS[stage])
         try:

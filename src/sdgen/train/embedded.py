@@ -1,4 +1,4 @@
-"""The embedded model's recipe: autoencoder, then a small CLIP, then the U-Net, then export.
+"""The embedded model's recipe: autoencoder, its decoder fine-tuned, a small CLIP, the U-Net, export.
 
 Each stage trains with `train_stage` (resumable) and leaves its result in the run folder;
 `export` writes the diffusers-layout folder that sdgen ships and loads by default.
@@ -6,6 +6,7 @@ Each stage trains with `train_stage` (resumable) and leaves its result in the ru
 
 from __future__ import annotations
 
+import json
 import signal
 import tomllib
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from sdgen.train.diffusion_loss import NoiseObjective
 from sdgen.train.loop import StageSettings, train_stage
 from sdgen.train.vocab import build_vocabulary
 
-STAGES = ("autoencoder", "clip", "unet", "export")
+STAGES = ("autoencoder", "decoder", "clip", "unet", "export")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Recipe:
     autoencoder: dict
     clip: dict
     unet: dict
+    decoder: dict | None = None  # optional: fine-tune the autoencoder's decoder alone
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -48,7 +50,7 @@ class Recipe:
         missing = [name for name in ("data", "autoencoder", "clip", "unet") if name not in raw]
         if missing:
             raise UserError(f"{path}: missing section(s) {', '.join(missing)}")
-        return cls(raw["data"], raw["autoencoder"], raw["clip"], raw["unet"])
+        return cls(raw["data"], raw["autoencoder"], raw["clip"], raw["unet"], raw.get("decoder"))
 
 
 def make_tokenizer(stream: SceneStream) -> CLIPTokenizer:
@@ -130,6 +132,43 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, stream: SceneStream, steps:
     return train_stage(_settings("autoencoder", section, steps, bf16=section.get("bf16", False)), run_dir, model, loss_fn, batch_at)
 
 
+def train_decoder(recipe: Recipe, run_dir: Path, stream: SceneStream, steps: int | None) -> AutoencoderKL | None:
+    """The trained autoencoder's decoder fine-tuned alone on whole scenes (as SD's ft-MSE VAE was).
+
+    The encoder is frozen, so the latents the U-Net learns from are the same with or without this
+    stage; only the pictures decoded from them get closer to the scenes.
+    """
+    section = recipe.decoder
+    if section is None:
+        print("decoder: the config has no [decoder] section; the autoencoder's decoder is used as trained", flush=True)
+        return None
+    model = _trained(run_dir, "autoencoder", AutoencoderKL(vae_config(recipe)))
+    decoder = [*model.decoder.parameters(), *(model.post_quant_conv.parameters() if model.post_quant_conv else ())]
+    for parameter in decoder:
+        parameter.requires_grad_(True)
+
+    def loss_fn(images: torch.Tensor, step: int):
+        with torch.no_grad():
+            latents = model.encode(images).mean
+        error = model.decode(latents).float() - images
+        loss = error.abs().mean() + error.pow(2).mean()
+        psnr = 10 * torch.log10(4.0 / error.detach().pow(2).mean().clamp_min(1e-10))
+        return loss, {"psnr": round(float(psnr), 2)}
+
+    def batch_at(step: int) -> torch.Tensor:
+        # Steps from 2 * 10**6 on: scenes no other stage trains on.
+        return stream.images(2 * 10**6 + step, section["batch_size"])
+
+    settings = _settings("decoder", section, steps, bf16=section.get("bf16", False))
+    return train_stage(settings, run_dir, model, loss_fn, batch_at, parameters=decoder)
+
+
+def trained_vae(recipe: Recipe, run_dir: Path) -> AutoencoderKL:
+    """The autoencoder to ship: with the fine-tuned decoder when the run has one."""
+    stage = "decoder" if (run_dir / "decoder" / "checkpoint.pt").is_file() else "autoencoder"
+    return _trained(run_dir, stage, AutoencoderKL(vae_config(recipe)))
+
+
 def train_clip(recipe: Recipe, run_dir: Path, stream: SceneStream, tokenizer: CLIPTokenizer,
                steps: int | None) -> CLIPModel:
     """Contrastive image-text pre-training (Radford et al. 2021) on the scenes."""
@@ -186,12 +225,24 @@ class LatentCache:
     the U-Net stage skips the encoder and a rebuild resumes where it stopped."""
 
     CHUNK = 4096
+    SCALING_FILE = "scaling_factor.json"
 
-    def __init__(self, latents: torch.Tensor, captions: list[str]) -> None:
+    def __init__(self, latents: torch.Tensor, captions: list[str], scaling_factor: float | None = None) -> None:
         self.latents = latents
         self.captions = captions
         # As SD's 0.18215: scale latents to unit variance for the diffusion schedule.
-        self.scaling_factor = float(1.0 / latents.float().std())
+        self.scaling_factor = scaling_factor or float(1.0 / latents.float().std())
+
+    @classmethod
+    def recorded_scaling_factor(cls, folder: Path) -> float | None:
+        """The factor the U-Net trains with, once the cache (or `--init-from`) has recorded it."""
+        path = folder / cls.SCALING_FILE
+        return float(json.loads(path.read_text())["scaling_factor"]) if path.is_file() else None
+
+    @classmethod
+    def record_scaling_factor(cls, folder: Path, factor: float) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / cls.SCALING_FILE).write_text(json.dumps({"scaling_factor": factor}) + "\n")
 
     @classmethod
     def build(cls, folder: Path, vae: AutoencoderKL, stream: SceneStream, count: int) -> "LatentCache":
@@ -214,7 +265,11 @@ class LatentCache:
                 save_checkpoint(path, state)
             latents.append(state["latents"])
             captions += state["captions"]
-        return cls(torch.cat(latents)[:count], captions[:count])
+        cache = cls(torch.cat(latents)[:count], captions[:count], cls.recorded_scaling_factor(folder))
+        # Recorded once: the U-Net must keep the factor it started with, whatever the cache holds later.
+        if cls.recorded_scaling_factor(folder) is None:
+            cls.record_scaling_factor(folder, cache.scaling_factor)
+        return cache
 
     def batch(self, step: int, size: int) -> tuple[torch.Tensor, list[str]]:
         generator = torch.Generator().manual_seed(step)
@@ -228,13 +283,17 @@ def export(recipe: Recipe, run_dir: Path, out: Path) -> Path:
 
     stream = SceneStream(recipe.data)
     tokenizer = make_tokenizer(stream)
-    vae = _trained(run_dir, "autoencoder", AutoencoderKL(vae_config(recipe)))
+    vae = trained_vae(recipe, run_dir)
     clip = _trained(run_dir, "clip", CLIPModel(clip_config(recipe, tokenizer)))
-    cache = LatentCache.build(run_dir / "latents", vae, stream, recipe.unet.get("cached_scenes", 65536))
+    scaling_factor = LatentCache.recorded_scaling_factor(run_dir / "latents")
+    if scaling_factor is None:
+        scaling_factor = LatentCache.build(run_dir / "latents", vae, stream,
+                                           recipe.unet.get("cached_scenes", 65536)).scaling_factor
     unet = _trained(run_dir, "unet", UNet(unet_config(recipe, clip.config.text, vae.cfg)))
-    steps = {stage: int(load_checkpoint(run_dir / stage / "checkpoint.pt")["step"]) for stage in STAGE_WEIGHTS}
+    steps = {stage: int(load_checkpoint(run_dir / stage / "checkpoint.pt")["step"]) for stage in STAGE_WEIGHTS
+             if (run_dir / stage / "checkpoint.pt").is_file()}
     return write_diffusers_folder(out, unet=unet, vae=vae, clip=clip, tokenizer=tokenizer,
-                                  scaling_factor=cache.scaling_factor, training_steps=steps)
+                                  scaling_factor=scaling_factor, training_steps=steps)
 
 
 def continue_from(recipe: Recipe, run_dir: Path, folder: Path, tokenizer: CLIPTokenizer) -> None:
@@ -242,7 +301,12 @@ def continue_from(recipe: Recipe, run_dir: Path, folder: Path, tokenizer: CLIPTo
     vae = AutoencoderKL(vae_config(recipe))
     clip = CLIPModel(clip_config(recipe, tokenizer))
     unet = UNet(unet_config(recipe, clip.config.text, vae.cfg))
-    seeded = seed_run(run_dir, folder, {"autoencoder": vae, "clip": clip, "unet": unet})
+    decoder = AutoencoderKL(vae_config(recipe))
+    seeded = seed_run(run_dir, folder, {"autoencoder": vae, "decoder": decoder, "clip": clip, "unet": unet})
+    if "autoencoder" in seeded and LatentCache.recorded_scaling_factor(run_dir / "latents") is None:
+        # the folder's U-Net was trained with the factor in its VAE config: keep it
+        factor = json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
+        LatentCache.record_scaling_factor(run_dir / "latents", float(factor))
     if seeded:
         print(f"{run_dir}: {', '.join(seeded)} continued from {folder}", flush=True)
 
@@ -272,6 +336,8 @@ def run_training(stage: str, *, config_path: str, run_dir: str, threads: int | N
     for name in (STAGES if stage == "all" else (stage,)):
         if name == "autoencoder":
             train_autoencoder(recipe, run, stream, steps)
+        elif name == "decoder":
+            train_decoder(recipe, run, stream, steps)
         elif name == "clip":
             train_clip(recipe, run, stream, tokenizer, steps)
         elif name == "unet":
