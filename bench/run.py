@@ -353,7 +353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="timed rounds per comparison")
     parser.add_argument("--peers", help="comma-separated extra peers: openvino, sdcpp, or none (default: openvino, "
                         "and sdcpp once `bash bench/setup.sh` has built it; none with --smoke)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: fp32,bf16,fastest,txt2img,memory,peak")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: fp32,bf16,fastest,txt2img,memory,peak,"
+                        "sdxl-step (with --sdxl: its memory only)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores; 1 with --smoke, where "
                         "tiny ops would mostly wait on each other)")
     # internal: one system's memory measurement in its own process
@@ -411,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" not in args.skip:
         measure_memory(args, folder, report)
     if args.sdxl:
-        bench_sdxl(args, report)
+        if "sdxl-step" not in args.skip:
+            bench_sdxl(args, report)
         if "memory" not in args.skip:
             sdxl_and_tiled_memory(args, report)
     report.unavailable.update(peers.unavailable)
