@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -252,7 +253,7 @@ def measure_memory(args, folder: Path, report: Report) -> None:
         result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
         label = f"{system} {dtype_name}{' fast' if fast else ''}"
         if result.returncode != 0:
-            report.memory(label, None, result.stderr.strip().splitlines()[-1][:200] if result.stderr else "failed")
+            report.memory(label, None, child_failure(result))
             continue
         report.memory(label, json.loads(result.stdout.strip().splitlines()[-1]), None)
 
@@ -264,6 +265,15 @@ def peak_rss_kib() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def child_failure(result: subprocess.CompletedProcess) -> str:
+    """Why a memory child failed, in one line: its last error line, or the signal that killed it."""
+    if result.returncode < 0:
+        name = signal.Signals(-result.returncode).name
+        return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    lines = result.stderr.strip().splitlines()
+    return lines[-1][:200] if lines else f"exit status {result.returncode}"
 
 
 def child_memory(args) -> None:
@@ -317,7 +327,7 @@ def sdxl_and_tiled_memory(args, report: Report) -> None:
         result = subprocess.run(command, capture_output=True, text=True, timeout=7200)
         label = f"{what}: {system if system != 'decode' else 'sdgen'} bf16{' fast' if fast else ''}"
         if result.returncode != 0:
-            report.memory(label, None, result.stderr.strip().splitlines()[-1][:200] if result.stderr else "failed")
+            report.memory(label, None, child_failure(result))
         else:
             report.memory(label, json.loads(result.stdout.strip().splitlines()[-1]), None)
 
