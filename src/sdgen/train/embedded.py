@@ -20,6 +20,7 @@ from sdgen.models.clip import CLIPModel
 from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.models.unet import UNet, UNetConfig
 from sdgen.models.vae import AutoencoderKL, VAEConfig
+from sdgen.runtime.files import write_bytes_atomically
 from sdgen.train.checkpoint import load_checkpoint, save_checkpoint
 from sdgen.train.continue_from import STAGE_WEIGHTS, seed_run
 from sdgen.train.data import SceneStream
@@ -242,7 +243,7 @@ class LatentCache:
     @classmethod
     def record_scaling_factor(cls, folder: Path, factor: float) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / cls.SCALING_FILE).write_text(json.dumps({"scaling_factor": factor}) + "\n")
+        write_bytes_atomically(folder / cls.SCALING_FILE, (json.dumps({"scaling_factor": factor}) + "\n").encode())
 
     @classmethod
     def build(cls, folder: Path, vae: AutoencoderKL, stream: SceneStream, count: int) -> "LatentCache":
