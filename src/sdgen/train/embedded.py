@@ -111,6 +111,13 @@ def _trained(run_dir: Path, stage: str, model: torch.nn.Module) -> torch.nn.Modu
     return model.eval().requires_grad_(False)
 
 
+def reconstruction_loss(reconstruction: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 + MSE against the scenes (pixels in [-1, 1]), and the batch's PSNR for the log."""
+    error = reconstruction.float() - images
+    psnr = 10 * torch.log10(4.0 / error.detach().pow(2).mean().clamp_min(1e-10))
+    return error.abs().mean() + error.pow(2).mean(), {"psnr": round(float(psnr), 2)}
+
+
 def train_autoencoder(recipe: Recipe, run_dir: Path, stream: SceneStream, steps: int | None) -> AutoencoderKL:
     """KL autoencoder: L1 + MSE reconstruction plus a tiny KL term (Rombach et al. 2022, no GAN)."""
     section = recipe.autoencoder
@@ -120,12 +127,9 @@ def train_autoencoder(recipe: Recipe, run_dir: Path, stream: SceneStream, steps:
     def loss_fn(images: torch.Tensor, step: int):
         posterior = model.encode(images)
         generator = torch.Generator().manual_seed(step)
-        reconstruction = model.decode(posterior.sample(generator)).float()
-        error = reconstruction - images
+        loss, extra = reconstruction_loss(model.decode(posterior.sample(generator)), images)
         kl = 0.5 * (posterior.mean.float() ** 2 + posterior.logvar.float().exp() - 1 - posterior.logvar.float())
-        loss = error.abs().mean() + error.pow(2).mean() + section["kl_weight"] * kl.sum() / images.shape[0]
-        psnr = 10 * torch.log10(4.0 / error.detach().pow(2).mean().clamp_min(1e-10))
-        return loss, {"psnr": round(float(psnr), 2)}
+        return loss + section["kl_weight"] * kl.sum() / images.shape[0], extra
 
     def batch_at(step: int) -> torch.Tensor:
         return stream.images(step, section["batch_size"], crop=crop)
@@ -151,10 +155,7 @@ def train_decoder(recipe: Recipe, run_dir: Path, stream: SceneStream, steps: int
     def loss_fn(images: torch.Tensor, step: int):
         with torch.no_grad():
             latents = model.encode(images).mean
-        error = model.decode(latents).float() - images
-        loss = error.abs().mean() + error.pow(2).mean()
-        psnr = 10 * torch.log10(4.0 / error.detach().pow(2).mean().clamp_min(1e-10))
-        return loss, {"psnr": round(float(psnr), 2)}
+        return reconstruction_loss(model.decode(latents), images)
 
     def batch_at(step: int) -> torch.Tensor:
         # Steps from 2 * 10**6 on: scenes no other stage trains on.
@@ -232,7 +233,7 @@ class LatentCache:
         self.latents = latents
         self.captions = captions
         # As SD's 0.18215: scale latents to unit variance for the diffusion schedule.
-        self.scaling_factor = scaling_factor or float(1.0 / latents.float().std())
+        self.scaling_factor = float(1.0 / latents.float().std()) if scaling_factor is None else scaling_factor
 
     @classmethod
     def recorded_scaling_factor(cls, folder: Path) -> float | None:
@@ -266,9 +267,10 @@ class LatentCache:
                 save_checkpoint(path, state)
             latents.append(state["latents"])
             captions += state["captions"]
-        cache = cls(torch.cat(latents)[:count], captions[:count], cls.recorded_scaling_factor(folder))
+        recorded = cls.recorded_scaling_factor(folder)
+        cache = cls(torch.cat(latents)[:count], captions[:count], recorded)
         # Recorded once: the U-Net must keep the factor it started with, whatever the cache holds later.
-        if cls.recorded_scaling_factor(folder) is None:
+        if recorded is None:
             cls.record_scaling_factor(folder, cache.scaling_factor)
         return cache
 
