@@ -18,6 +18,9 @@ $(VENV)/.setup-done: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[server,watermark]'
 	# The invisible watermark without its GUI OpenCV requirement (the extra brings the headless one).
 	$(BIN)/pip install --quiet --no-deps invisible-watermark==0.2.0
+	# The compiled attention kernel for this CPU (AVX-512 BF16 and a C++ compiler; otherwise it
+	# says why and the fast paths use PyTorch's operations).
+	$(BIN)/python -m sdgen.runtime.kernels
 	touch $@
 
 setup-test: $(VENV)/.test-done

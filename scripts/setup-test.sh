@@ -10,6 +10,16 @@ BIN=${1:-.venv/bin}
 # above brings opencv-python-headless and PyWavelets instead.
 "$BIN/pip" install --quiet --no-deps invisible-watermark==0.2.0
 
+# The compiled attention kernel's tests need a C++ compiler (Debian's g++).
+if ! command -v g++ >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+    else
+        echo "setup-test: not root, g++ not installed; the compiled kernel's tests will be skipped" >&2
+    fi
+fi
+"$BIN/python" -m sdgen.runtime.kernels
+
 # Browser tests of the web UI: Debian's chromium (never a downloaded browser build) and
 # playwright-core, pinned by tests/browser/package-lock.json.
 if [ ! -x /usr/bin/chromium ]; then

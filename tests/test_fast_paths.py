@@ -96,12 +96,18 @@ def test_vae_fast_paths_within_tolerance(options: FastOptions) -> None:
     assert fast_encode <= 0.05
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernel-if-built", "pytorch"])
 @pytest.mark.parametrize("shape", [(2, 8, 1024, 1024, 40), (2, 4, 300, 300, 64), (1, 1, 4096, 4096, 512),
                                    (2, 2, 700, 256, 80)])
-def test_blocked_attention_is_as_close_to_fp32_as_bf16_flash_attention(shape) -> None:
-    """Blocked attention rounds the weights to bf16 once more than flash attention does: its error
-    against the fp32 result stays within 3x flash attention's bf16 error (measured 1.5x to 2.5x)."""
+def test_blocked_attention_is_as_close_to_fp32_as_bf16_flash_attention(shape, compiled, monkeypatch) -> None:
+    """Blocked attention without the compiled kernel rounds the weights to bf16 once more than
+    flash attention does: its error against the fp32 result stays within 3x flash attention's bf16
+    error (measured 1.5x to 2.5x); the kernel's is within 1.5x (test_kernels.py)."""
     from sdgen.models.layers import blocked_attention
+    from sdgen.runtime import kernels
+
+    if not compiled:
+        monkeypatch.setattr(kernels, "_state", {"reason": "off for this test"})
 
     batch, heads, tokens, keys, head_dim = shape
     generator = torch.Generator().manual_seed(tokens)
