@@ -68,11 +68,16 @@ def test_kernel_keeps_its_accuracy_when_one_key_dominates(kernel) -> None:
     assert relative_rms(out, exact) <= 0.01
 
 
-def test_blocked_attention_takes_the_kernel_when_there_is_one(kernel) -> None:
-    q, k, v = (t.view(2, 3, 300, 40) for t in random_qkv(6, 300, 300, 40, seed=9))
-    through_layers = layers.blocked_attention(q, k, v)
-    direct = kernels.compiled_attention(kernel, *(t.reshape(6, 300, 40) for t in (q, k, v)), 40 ** -0.5)
-    assert torch.equal(through_layers, direct.view(2, 3, 300, 40))
+def test_fast_attention_takes_the_kernel_when_there_is_one(kernel) -> None:
+    """multi_head_attention on the fast path gives exactly the kernel's result, for self- and
+    cross-attention (77 keys)."""
+    for keys in (300, 77):
+        q = random_qkv(1, 2 * 300, 1, 3 * 40, seed=9)[0].view(2, 300, 120)
+        k, v = (t.view(2, keys, 120) for t in random_qkv(1, 2 * keys, 2 * keys, 120, seed=keys)[1:])
+        through_layers = layers.multi_head_attention(q, k, v, heads=3, blocked=True)
+        heads_first = [t.view(2, -1, 3, 40).transpose(1, 2).reshape(6, -1, 40) for t in (q, k, v)]
+        direct = kernels.compiled_attention(kernel, *heads_first, 40 ** -0.5)
+        assert torch.equal(through_layers, direct.view(2, 3, 300, 40).transpose(1, 2).reshape(2, 300, 120))
 
 
 def test_kernels_can_be_turned_off(monkeypatch) -> None:
@@ -96,6 +101,8 @@ def test_a_failed_build_falls_back_to_pytorch_with_one_message(tmp_path, monkeyp
     assert kernels.attention_kernel() is None
     message = capsys.readouterr().err
     assert message.count("compiled attention kernel unavailable, using PyTorch's: build failed") == 1
-    q, k, v = (t.view(1, 2, 300, 40) for t in random_qkv(2, 300, 300, 40, seed=2))
-    exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    assert relative_rms(layers.blocked_attention(q, k, v), exact) <= 0.01
+    q, k, v = (t.view(1, 300, 80) for t in random_qkv(1, 300, 300, 80, seed=2))
+    heads_first = [t.view(1, 300, 2, 40).transpose(1, 2) for t in (q, k, v)]
+    exact = torch.nn.functional.scaled_dot_product_attention(*(t.float() for t in heads_first))
+    out = layers.multi_head_attention(q, k, v, heads=2, blocked=True)  # blocked matrix products
+    assert relative_rms(out, exact.transpose(1, 2).reshape(1, 300, 80)) <= 0.01

@@ -123,12 +123,21 @@ def multi_head_attention(
     """Scaled dot-product attention over (batch, tokens, heads * head_dim) tensors.
 
     `upcast` computes in float32 for fp16/bf16 inputs: SD 2.x's attention logits overflow fp16.
-    `blocked` (the CPU fast path) uses `blocked_attention` for bf16 self-attention at inference.
+    `blocked` (the CPU fast path) takes bf16 attention at inference to the compiled kernel where
+    there is one (sdgen.runtime.kernels; fp32 scores, so `upcast` holds too), otherwise bf16
+    self-attention to `blocked_attention`.
     """
     batch, _, inner = q.shape
     head_dim = inner // heads
-    q, k, v = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
     dtype = q.dtype
+    if blocked and dtype == torch.bfloat16 and not q.requires_grad:
+        kernel = attention_kernel() if head_dim % 2 == 0 else None
+        if kernel is not None:
+            q, k, v = (t.view(batch, -1, heads, head_dim).transpose(1, 2).reshape(batch * heads, -1, head_dim)
+                       for t in (q, k, v))
+            out = compiled_attention(kernel, q, k, v, head_dim ** -0.5)
+            return out.view(batch, heads, -1, head_dim).transpose(1, 2).reshape(batch, -1, inner)
+    q, k, v = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (q, k, v))
     if blocked and dtype == torch.bfloat16 and k.shape[2] >= BLOCKED_MIN_KEYS and not q.requires_grad:
         return blocked_attention(q, k, v).transpose(1, 2).reshape(batch, -1, inner)
     if upcast and dtype in _LOW_PRECISION:
@@ -138,23 +147,15 @@ def multi_head_attention(
 
 
 def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 512) -> torch.Tensor:
-    """Attention over (batch, heads, tokens, head_dim) bf16 tensors, faster than PyTorch's on CPUs.
+    """Attention over (batch, heads, tokens, head_dim) tensors as plain matrix products, one head and
+    `block` queries at a time: the fast path's bf16 self-attention where the compiled kernel is not built.
 
     On CPUs without AMX, PyTorch's flash attention runs SD's bf16 self-attention far below the bf16
-    matrix-product rate (head sizes of 40 to 160, and 512 in the VAE). Where the compiled kernel
-    is available (AVX-512 BF16, sdgen.runtime.kernels) it does the whole attention with fp32
-    scores; otherwise one head and `block` queries at a time as plain matrix products, whose
-    scores (block x keys) fit in cache, with the weights rounded to bf16 before the value product.
-    Speeds in bench/RESULTS.md.
+    matrix-product rate (head sizes of 40 to 160, and 512 in the VAE); a block's scores (block x
+    keys) fit in cache, and this is 1.8x (U-Net, 1024 tokens) to 3.7x (VAE, 4096 tokens) faster
+    (bench/RESULTS.md). The weights are rounded to the input dtype before the value product.
     """
     batch, heads, tokens, head_dim = q.shape
-    kernel = attention_kernel() if head_dim % 2 == 0 else None
-    if kernel is not None:
-        def flat(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(batch * heads, -1, head_dim)
-
-        out = compiled_attention(kernel, flat(q), flat(k), flat(v), head_dim ** -0.5)
-        return out.view(batch, heads, tokens, head_dim)
     queries = (q * head_dim ** -0.5).reshape(batch * heads, tokens, head_dim)
     keys = k.reshape(batch * heads, -1, head_dim).transpose(1, 2).contiguous()
     values = v.reshape(batch * heads, -1, head_dim)
