@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdgen.runtime.kernels import attention_kernel, compiled_attention
+from sdgen.runtime.kernels import attention_kernel, compiled_attention, geglu_kernel
 from sdgen.runtime.token_merging import TokenMerge, plan_merge
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -195,9 +195,15 @@ class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
         self.proj = nn.Linear(dim, inner * 2)
+        self.fused = False  # one pass through the compiled kernel in bf16 (set by sdgen.runtime.fast)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
+        projected = self.proj(x)
+        if self.fused and projected.dtype == torch.bfloat16 and not projected.requires_grad:
+            kernel = geglu_kernel()
+            if kernel is not None:
+                return kernel(projected.contiguous())
+        value, gate = projected.chunk(2, dim=-1)
         return value * F.gelu(gate)
 
 

@@ -16,8 +16,14 @@ What each switch does, and why it is faster on a CPU (measured in bench/RESULTS.
   stay on MKL's GEMM, already near the peak. A packed copy is kept per layer (about the size of
   the packed weights once more) and is packed again if the layer's weight is replaced or changed
   in place (LoRA merging).
-These three change rounding only: results stay within the bf16 tolerance of the fp32 model
-(tests/test_fast_paths.py).
+- `blocked_attention`: bf16 attention through the compiled kernel (sdgen.runtime.kernels: AVX-512
+  BF16 products, fp32 scores and softmax, about 2x PyTorch's matrix products for SD's
+  self-attention and 2-3x its upcast attention at 77 keys), or, where the kernel is not built,
+  bf16 self-attention as blocked matrix products (layers.blocked_attention).
+- `fused_geglu`: the feed-forward's value * gelu(gate) in one pass of the compiled kernel (about
+  2x PyTorch's two passes, and one bf16 rounding instead of two).
+These change rounding only: results stay within the bf16 tolerance of the fp32 model
+(tests/test_fast_paths.py, tests/test_kernels.py).
 - `step_cache` (0 = off): DeepCache's feature reuse across sampling steps (step_cache.py). Unlike
   the others it changes the images, by a measured amount, so it is never on by default.
 """
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sdgen.models.layers import Attention, SelfAttention2d, SpatialTransformer
+from sdgen.models.layers import GEGLU, Attention, SelfAttention2d, SpatialTransformer
 from sdgen.models.unet import UNetConfig
 from sdgen.runtime.mapped import file_mappings, release_file_pages
 from sdgen.runtime.step_cache import StepCache
@@ -43,7 +49,8 @@ class FastOptions:
 
     channels_last: bool = False  # measured no faster than NCHW once weights are prepacked (RESULTS.md)
     fp32_attention: bool = True
-    blocked_attention: bool = True  # bf16 self-attention as blocked matrix products (layers.blocked_attention)
+    blocked_attention: bool = True  # bf16 attention: compiled kernel, or blocked matrix products without it
+    fused_geglu: bool = True  # the feed-forward's value * gelu(gate) in one pass (compiled kernel, bf16)
     prepack: bool = True
     step_cache: int = 0  # run the whole U-Net every this many steps, the shallow levels in between
     token_merging: float = 0.0  # share of the top attention level's tokens merged (ToMe; 0.5 is usual)
@@ -68,6 +75,8 @@ def accelerate(module: nn.Module, options: FastOptions = FastOptions()) -> nn.Mo
             # `upcast` set by the config (SD 2.x) stays on whatever the options say
             child.upcast = child.upcast or options.fp32_attention
             child.blocked = options.blocked_attention
+        if isinstance(child, GEGLU):
+            child.fused = options.fused_geglu
     return module
 
 
@@ -171,5 +180,7 @@ def restore(module: nn.Module) -> nn.Module:
             child.upcast, child.blocked = upcast, False
         elif isinstance(child, SelfAttention2d):
             child.upcast, child.blocked = False, False
+        elif isinstance(child, GEGLU):
+            child.fused = False
     return module
 

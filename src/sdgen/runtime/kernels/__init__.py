@@ -1,10 +1,11 @@
-"""Compiled CPU kernels: bf16 attention with AVX-512 BF16 (attention.cpp), built once per machine.
+"""Compiled CPU kernels for bf16 on AVX-512 BF16, built once per machine: attention
+(attention.cpp) and the transformer feed-forward's GEGLU (geglu.cpp).
 
-The kernel is compiled with PyTorch's extension builder on first use (or by `python -m
-sdgen.runtime.kernels`, which `make setup` runs) into a cache folder keyed by the source, the
+They are compiled with PyTorch's extension builder on first use (or by `python -m
+sdgen.runtime.kernels`, which `make setup` runs) into a cache folder keyed by the sources, flags,
 torch version and the CPU's features, then loaded as the `torch.ops.sdgen_kernels` library. On a
 CPU without AVX-512 BF16, without a C++ compiler, or with SDGEN_NO_KERNELS=1, `attention_kernel()`
-returns None and callers keep PyTorch's own operations.
+and `geglu_kernel()` return None and callers keep PyTorch's own operations.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("attention.cpp")
+FOLDER = Path(__file__).parent
+SOURCES = [FOLDER / "attention.cpp", FOLDER / "geglu.cpp"]
+HEADERS = [FOLDER / "vector_math.h"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 # -fopenmp: at::parallel_for is an OpenMP pragma in the headers (torch links the runtime itself)
 COMPILER_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
@@ -27,7 +30,7 @@ COMPILER_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-
 LIBRARY = "sdgen_kernels.so"
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "op" once loaded, "reason" once known to be unavailable
+_state: dict[str, object] = {}  # "loaded" once loaded, "reason" once known to be unavailable
 
 
 def cpu_flags() -> set[str]:
@@ -44,7 +47,9 @@ def cpu_flags() -> set[str]:
 
 def cache_folder() -> Path:
     """Where built kernels are kept: per source text, compiler flags, torch version and CPU features."""
-    key = hashlib.sha256(SOURCE.read_bytes())
+    key = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        key.update(path.read_bytes())
     key.update(" ".join(COMPILER_FLAGS).encode())
     key.update(torch.__version__.encode())
     key.update(" ".join(sorted(cpu_flags() & set(REQUIRED_CPU_FLAGS))).encode())
@@ -66,26 +71,35 @@ def unavailable_reason() -> str | None:
 
 
 def attention_kernel():
-    """The loaded `torch.ops.sdgen_kernels.attention` op, building it if needed, or None if unavailable.
+    """`torch.ops.sdgen_kernels.attention`, building the library if needed, or None if unavailable."""
+    return torch.ops.sdgen_kernels.attention if _library_loaded() else None
 
-    A failed build is reported once on stderr and not retried in this process.
-    """
+
+def geglu_kernel():
+    """`torch.ops.sdgen_kernels.geglu`, building the library if needed, or None if unavailable."""
+    return torch.ops.sdgen_kernels.geglu if _library_loaded() else None
+
+
+def _library_loaded() -> bool:
+    """Load (building first if needed) the kernel library once per process; a failed build is
+    reported once on stderr and not retried."""
     with _lock:
-        if "op" in _state or "reason" in _state:
-            return _state.get("op")
+        if "loaded" in _state or "reason" in _state:
+            return "loaded" in _state
         reason = unavailable_reason()
         if reason is None:
             try:
-                _state["op"] = _load()
-                return _state["op"]
+                _load()
+                _state["loaded"] = True
+                return True
             except Exception as error:  # a missing compiler or a failed build: keep PyTorch's path
                 reason = f"build failed ({type(error).__name__}: {str(error).strip().splitlines()[-1][:200]})"
-            print(f"sdgen: compiled attention kernel unavailable, using PyTorch's: {reason}", file=sys.stderr)
+            print(f"sdgen: compiled kernels unavailable, using PyTorch's operations: {reason}", file=sys.stderr)
         _state["reason"] = reason
-        return None
+        return False
 
 
-def _load():
+def _load() -> None:
     from torch.utils import cpp_extension  # imported late: it pulls in setuptools
 
     if shutil.which("ninja") is None:  # PyTorch's builder runs `ninja` from PATH: use the PyPI build
@@ -96,12 +110,11 @@ def _load():
     library = folder / LIBRARY
     if not library.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        print("sdgen: compiling the attention kernel for this CPU (once, under a minute)...", file=sys.stderr)
-        cpp_extension.load(name="sdgen_kernels", sources=[str(SOURCE)], extra_cflags=COMPILER_FLAGS,
+        print("sdgen: compiling the CPU kernels for this machine (once, under a minute)...", file=sys.stderr)
+        cpp_extension.load(name="sdgen_kernels", sources=[str(path) for path in SOURCES], extra_cflags=COMPILER_FLAGS,
                            build_directory=str(folder), is_python_module=False, verbose=False)
     else:
         torch.ops.load_library(str(library))
-    return torch.ops.sdgen_kernels.attention
 
 
 def pack_keys(k: torch.Tensor, keys_padded: int) -> torch.Tensor:

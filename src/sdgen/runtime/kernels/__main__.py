@@ -6,4 +6,4 @@ if attention_kernel() is None:
     print(f"sdgen: no compiled kernels here ({unavailable_reason() or 'the build failed'}); "
           "the fast paths use PyTorch's operations")
 else:
-    print(f"sdgen: attention kernel ready in {cache_folder()}")
+    print(f"sdgen: CPU kernels ready in {cache_folder()}")

@@ -14,7 +14,7 @@
 // keys_padded is a multiple of 16 and dim_padded of 16, both zero-filled past the real sizes.
 // Output (heads, queries, dim) bf16: each value rounded once, after the fp32 normalisation.
 
-#include <immintrin.h>
+#include "vector_math.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -30,26 +30,10 @@
 
 namespace {
 
+using namespace sdgen_kernels;
+
 constexpr int kRows = 6;     // query rows per task: 6 x 4 accumulators + 4 loads + 1 broadcast fit 32 registers
 constexpr int kVectors = 4;  // 16-lane fp32 vectors per tile column block
-
-// e^x for x <= 0 (scores minus their row maximum): n = round(x / ln 2), r = x - n ln 2 in two
-// parts (Cody and Waite), e^r by its degree-4 Taylor polynomial (relative error under 5e-5 for
-// |r| <= ln 2 / 2, far below the 4e-3 of the bf16 weights it becomes), then scaled by 2^n.
-// Inputs below -87 give e^-87, about 1.6e-38.
-inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 24);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 inline __m512 dot_pairs(__m512 acc, __m512i pairs_a, __m512i pairs_b) {
     return _mm512_dpbf16_ps(acc, (__m512bh)pairs_a, (__m512bh)pairs_b);
@@ -118,16 +102,15 @@ inline float softmax_row(const float* scores, int64_t keys, int64_t keys_padded,
     const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     __m512 max = lowest;
     for (int64_t s = 0; s < keys_padded; s += 16) {
-        const __mmask16 valid = keys - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (keys - s)) - 1);
-        max = _mm512_max_ps(max, _mm512_mask_loadu_ps(lowest, valid, scores + s));
+        max = _mm512_max_ps(max, _mm512_mask_loadu_ps(lowest, first_lanes(keys - s), scores + s));
     }
     const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
     __m512 sum = _mm512_setzero_ps();
     for (int64_t s = 0; s < keys_padded; s += 16) {
-        const __mmask16 valid = keys - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (keys - s)) - 1);
-        const __m512 e = _mm512_maskz_mov_ps(valid, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + s), row_max)));
+        const __m512 e = _mm512_maskz_mov_ps(first_lanes(keys - s),
+                                             exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + s), row_max)));
         sum = _mm512_add_ps(sum, e);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(weights + s), (__m256i)_mm512_cvtneps_pbh(e));
+        store_bf16(weights + s, e);
     }
     return 1.0f / _mm512_reduce_add_ps(sum);
 }
@@ -183,11 +166,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& kp, const at::Tensor
             for (int64_t r = 0; r < rows; ++r) {
                 uint16_t* destination = out_data + (head * queries + first + r) * dim;
                 const float* source = values.data() + r * dim_padded;
-                for (int64_t d = 0; d < dim; d += 16) {
-                    const __mmask16 valid = dim - d >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (dim - d)) - 1);
-                    _mm256_mask_storeu_epi16(destination + d, valid,
-                                             (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(source + d)));
-                }
+                for (int64_t d = 0; d < dim; d += 16)
+                    store_bf16(destination + d, _mm512_loadu_ps(source + d), first_lanes(dim - d));
             }
         }
     });
@@ -196,7 +176,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& kp, const at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY(sdgen_kernels, m) {
+TORCH_LIBRARY_FRAGMENT(sdgen_kernels, m) {
     m.def("attention(Tensor q, Tensor kp, Tensor vp, int keys, float scale) -> Tensor");
 }
 
