@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sdgen.models.layers import Downsample, ResBlock, SelfAttention2d, Stage, Upsample
+from sdgen.models.layers import Downsample, ResBlock, SelfAttention2d, Stage, Upsample, norm_silu
 
 _DOWN, _UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
 _EPS = 1e-6  # every norm of the SD VAE uses this epsilon
@@ -191,7 +190,7 @@ class Encoder(nn.Module):
             if stage.downsamplers is not None:
                 h = stage.downsamplers[0](h)
         h = _run_mid(self.mid_block, h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(norm_silu(self.conv_norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -220,7 +219,7 @@ class Decoder(nn.Module):
                 h = resnet(h)
             if stage.upsamplers is not None:
                 h = stage.upsamplers[0](h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(norm_silu(self.conv_norm_out, h))
 
 
 def _run_mid(stage: Stage, h: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,9 @@ What each switch does, and why it is faster on a CPU (measured in bench/RESULTS.
   BF16 products, fp32 scores and softmax, about 2x PyTorch's matrix products for SD's
   self-attention and 2-3x its upcast attention at 77 keys), or, where the kernel is not built,
   bf16 self-attention as blocked matrix products (layers.blocked_attention).
-- `fused_geglu`: the feed-forward's value * gelu(gate) in one pass of the compiled kernel (about
-  2x PyTorch's two passes, and one bf16 rounding instead of two).
+- `fused_ops`: the feed-forward's value * gelu(gate), and every GroupNorm followed by SiLU, in one
+  pass each of the compiled kernels (about 2x PyTorch's two passes, and one bf16 rounding
+  instead of two).
 These change rounding only: results stay within the bf16 tolerance of the fp32 model
 (tests/test_fast_paths.py, tests/test_kernels.py).
 - `step_cache` (0 = off): DeepCache's feature reuse across sampling steps (step_cache.py). Unlike
@@ -50,7 +51,7 @@ class FastOptions:
     channels_last: bool = False  # measured no faster than NCHW once weights are prepacked (RESULTS.md)
     fp32_attention: bool = True
     blocked_attention: bool = True  # bf16 attention: compiled kernel, or blocked matrix products without it
-    fused_geglu: bool = True  # the feed-forward's value * gelu(gate) in one pass (compiled kernel, bf16)
+    fused_ops: bool = True  # GEGLU, and GroupNorm + SiLU, in one pass each (compiled kernels, bf16)
     prepack: bool = True
     step_cache: int = 0  # run the whole U-Net every this many steps, the shallow levels in between
     token_merging: float = 0.0  # share of the top attention level's tokens merged (ToMe; 0.5 is usual)
@@ -75,8 +76,8 @@ def accelerate(module: nn.Module, options: FastOptions = FastOptions()) -> nn.Mo
             # `upcast` set by the config (SD 2.x) stays on whatever the options say
             child.upcast = child.upcast or options.fp32_attention
             child.blocked = options.blocked_attention
-        if isinstance(child, GEGLU):
-            child.fused = options.fused_geglu
+        if isinstance(child, (GEGLU, nn.GroupNorm)):
+            child.fused = options.fused_ops
     return module
 
 
@@ -180,7 +181,7 @@ def restore(module: nn.Module) -> nn.Module:
             child.upcast, child.blocked = upcast, False
         elif isinstance(child, SelfAttention2d):
             child.upcast, child.blocked = False, False
-        elif isinstance(child, GEGLU):
+        elif isinstance(child, (GEGLU, nn.GroupNorm)):
             child.fused = False
     return module
 

@@ -1,11 +1,12 @@
 """Compiled CPU kernels for bf16 on AVX-512 BF16, built once per machine: attention
-(attention.cpp) and the transformer feed-forward's GEGLU (geglu.cpp).
+(attention.cpp), the transformer feed-forward's GEGLU (geglu.cpp) and GroupNorm + SiLU
+(group_norm.cpp).
 
 They are compiled with PyTorch's extension builder on first use (or by `python -m
 sdgen.runtime.kernels`, which `make setup` runs) into a cache folder keyed by the sources, flags,
 torch version and the CPU's features, then loaded as the `torch.ops.sdgen_kernels` library. On a
-CPU without AVX-512 BF16, without a C++ compiler, or with SDGEN_NO_KERNELS=1, `attention_kernel()`
-and `geglu_kernel()` return None and callers keep PyTorch's own operations.
+CPU without AVX-512 BF16, without a C++ compiler, or with SDGEN_NO_KERNELS=1, the `*_kernel()`
+functions return None and callers keep PyTorch's own operations.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 FOLDER = Path(__file__).parent
-SOURCES = [FOLDER / "attention.cpp", FOLDER / "geglu.cpp"]
+SOURCES = [FOLDER / "attention.cpp", FOLDER / "geglu.cpp", FOLDER / "group_norm.cpp"]
 HEADERS = [FOLDER / "vector_math.h"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 # -fopenmp: at::parallel_for is an OpenMP pragma in the headers (torch links the runtime itself)
@@ -78,6 +79,11 @@ def attention_kernel():
 def geglu_kernel():
     """`torch.ops.sdgen_kernels.geglu`, building the library if needed, or None if unavailable."""
     return torch.ops.sdgen_kernels.geglu if _library_loaded() else None
+
+
+def group_norm_silu_kernel():
+    """`torch.ops.sdgen_kernels.group_norm_silu`, building the library if needed, or None if unavailable."""
+    return torch.ops.sdgen_kernels.group_norm_silu if _library_loaded() else None
 
 
 def _library_loaded() -> bool:

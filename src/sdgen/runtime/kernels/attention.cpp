@@ -108,7 +108,7 @@ inline float softmax_row(const float* scores, int64_t keys, int64_t keys_padded,
     __m512 sum = _mm512_setzero_ps();
     for (int64_t s = 0; s < keys_padded; s += 16) {
         const __m512 e = _mm512_maskz_mov_ps(first_lanes(keys - s),
-                                             exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(scores + s), row_max)));
+                                             exp_fast(_mm512_sub_ps(_mm512_loadu_ps(scores + s), row_max)));
         sum = _mm512_add_ps(sum, e);
         store_bf16(weights + s, e);
     }
