@@ -120,37 +120,46 @@ def test_fast_geglu_takes_the_kernel_and_the_plain_path_does_not(kernel) -> None
     assert torch.equal(again, plain)
 
 
-@pytest.mark.parametrize("shape", [(1, 64, 96, 96), (2, 320, 8, 8), (1, 32, 5, 7), (3, 64, 1, 1)],
+@pytest.mark.parametrize("silu", [True, False], ids=["silu", "norm-only"])
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+@pytest.mark.parametrize("shape", [(1, 64, 96, 96), (2, 320, 8, 8), (1, 32, 5, 7), (3, 64, 1, 1), (1, 40, 17, 3)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_group_norm_silu_kernel_is_as_close_to_float32_as_pytorchs_bf16(kernel, shape) -> None:
-    """silu(group_norm(x)) with the statistics in fp32/double and one rounding: at most PyTorch's
-    bf16 error (measured about half of it), on inputs with a mean far from zero (no cancellation
-    in the variance) and spatial sizes off the 16-lane vector."""
+def test_group_norm_kernel_is_as_close_to_float32_as_pytorchs_bf16(kernel, shape, layout, silu) -> None:
+    """group_norm(x) (and silu) with the statistics in fp32 lanes and double, rounded once: at most
+    PyTorch's bf16 error (measured about half of it with SiLU), in both layouts, on inputs with a
+    mean far from zero (no cancellation in the variance), with channel counts and spatial sizes off
+    the 16-lane vector; the output keeps the input's layout."""
     generator = torch.Generator().manual_seed(shape[1])
     x = (torch.randn(shape, generator=generator) * 2 + 30).bfloat16()
-    norm = torch.nn.GroupNorm(32, shape[1], eps=1e-6)
+    if layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    norm = torch.nn.GroupNorm(8 if shape[1] == 40 else 32, shape[1], eps=1e-6)
+    activation = torch.nn.functional.silu if silu else (lambda t: t)
     with torch.no_grad():
         norm.weight.normal_(generator=generator)
         norm.bias.normal_(generator=generator)
-        exact = torch.nn.functional.silu(norm(x.float()))
-        pytorch = torch.nn.functional.silu(norm.bfloat16()(x))
-        out = kernels.group_norm_silu_kernel()(x, 32, norm.weight.float(), norm.bias.float(), 1e-6)
-    assert out.shape == exact.shape and out.dtype == torch.bfloat16
+        exact = activation(norm(x.float()))
+        pytorch = activation(norm.bfloat16()(x))
+        out = kernels.group_norm_kernel()(x, norm.num_groups, norm.weight.float(), norm.bias.float(), 1e-6, silu)
+    assert out.shape == exact.shape and out.dtype == torch.bfloat16 and out.stride() == x.stride()
     assert relative_rms(out, exact) <= relative_rms(pytorch, exact) + 1e-4
 
 
-def test_fast_resblock_takes_the_norm_kernel_and_restore_leaves_it(kernel, monkeypatch) -> None:
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_fast_resblock_takes_the_norm_kernel_and_restore_leaves_it(kernel, layout, monkeypatch) -> None:
     from sdgen.runtime.fast import FastOptions, accelerate, restore
 
     calls = []
-    original = kernels.group_norm_silu_kernel
-    monkeypatch.setattr(layers, "group_norm_silu_kernel", lambda: calls.append(1) or original())
+    original = kernels.group_norm_kernel
+    monkeypatch.setattr(layers, "group_norm_kernel", lambda: calls.append(1) or original())
     block = layers.ResBlock(64, 64, None, groups=32, eps=1e-5).bfloat16()
     x = torch.randn(1, 64, 12, 12).bfloat16()
+    if layout == "channels-last":
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         plain = block(x)
         assert calls == []
-        fast = accelerate(block, FastOptions(prepack=False))(x)
+        fast = accelerate(block, FastOptions())(x)  # prepacked convolutions return channels-last tensors
         assert len(calls) == 2  # norm1 and norm2
         again = restore(block)(x)
     assert torch.equal(again, plain) and not torch.equal(fast, plain)
@@ -162,7 +171,7 @@ def test_kernels_can_be_turned_off(monkeypatch) -> None:
     monkeypatch.setattr(kernels, "_state", {})
     assert kernels.unavailable_reason() == "turned off by SDGEN_NO_KERNELS=1"
     assert kernels.attention_kernel() is None and kernels.geglu_kernel() is None
-    assert kernels.group_norm_silu_kernel() is None
+    assert kernels.group_norm_kernel() is None
 
 
 def test_a_failed_build_falls_back_to_pytorch_with_one_message(tmp_path, monkeypatch, capsys) -> None:

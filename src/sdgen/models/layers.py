@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdgen.runtime.kernels import attention_kernel, compiled_attention, geglu_kernel, group_norm_silu_kernel
+from sdgen.runtime.kernels import attention_kernel, compiled_attention, geglu_kernel, group_norm_kernel
 from sdgen.runtime.token_merging import TokenMerge, plan_merge
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -57,17 +57,6 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """silu(norm(x)); in one pass of the compiled kernel for bf16 NCHW inputs at inference when
-    the fast path marked the norm `fused` (sdgen.runtime.fast)."""
-    if (getattr(norm, "fused", False) and x.dtype == torch.bfloat16 and x.is_contiguous() and norm.affine
-            and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))):
-        kernel = group_norm_silu_kernel()
-        if kernel is not None:
-            return kernel(x, norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps)
-    return F.silu(norm(x))
-
-
 class ResBlock(nn.Module):
     """Pre-norm residual block GN-SiLU-conv (+ time embedding) GN-SiLU-conv (DDPM / LDM ResnetBlock)."""
 
@@ -81,10 +70,10 @@ class ResBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(norm_silu(self.norm1, x))
+        h = self.conv1(group_norm(self.norm1, x, silu=True))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(norm_silu(self.norm2, h))
+        h = self.conv2(group_norm(self.norm2, h, silu=True))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
 
@@ -121,6 +110,19 @@ class Upsample(nn.Module):
 def is_channels_last(x: torch.Tensor) -> bool:
     """True for a 4-D tensor laid out channels-last (NHWC strides) that is not also plain contiguous."""
     return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """norm(x), then SiLU if asked; in one pass of the compiled kernel for bf16 inputs (NCHW or
+    channels-last) at inference when the fast path marked the norm `fused` (sdgen.runtime.fast)."""
+    if (getattr(norm, "fused", False) and x.dtype == torch.bfloat16 and norm.affine
+            and (x.is_contiguous() or is_channels_last(x))
+            and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))):
+        kernel = group_norm_kernel()
+        if kernel is not None:
+            return kernel(x, norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps, silu)
+    h = norm(x)
+    return F.silu(h) if silu else h
 
 
 # Blocked attention pays off from this many keys on (self-attention); with the 77 keys of a text
@@ -276,7 +278,7 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
-        h = self.norm(x)
+        h = group_norm(self.norm, x)
         if not self.linear_projection:
             h = self.proj_in(h)
         h = h.permute(0, 2, 3, 1).reshape(batch, height * width, -1)  # (b, c, h, w) -> tokens
@@ -311,7 +313,7 @@ class SelfAttention2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         if is_channels_last(x):  # the fast path: tokens are a free view of a channels-last image
-            h = self.group_norm(x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+            h = group_norm(self.group_norm, x).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
             h = multi_head_attention(self.to_q(h), self.to_k(h), self.to_v(h), heads=1, upcast=self.upcast,
                                      blocked=self.blocked)
             return x + self.to_out[0](h).reshape(batch, height, width, channels).permute(0, 3, 1, 2)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sdgen.models.layers import (
-    Downsample, ResBlock, SpatialTransformer, Stage, TimestepEmbedding, Upsample, norm_silu, timestep_embedding,
+    Downsample, ResBlock, SpatialTransformer, Stage, TimestepEmbedding, Upsample, group_norm, timestep_embedding,
 )
 
 _ATTN_DOWN, _PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
@@ -374,7 +374,7 @@ class UNet(nn.Module):
             if cache is not None:
                 cache.store(key, deep)
         h = _up_level(self.up_blocks[-1], deep, emb, context, skips)
-        return self.conv_out(norm_silu(self.conv_norm_out, h)).contiguous()
+        return self.conv_out(group_norm(self.conv_norm_out, h, silu=True)).contiguous()
 
     def _deep_levels(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
                      skips: list[torch.Tensor]) -> torch.Tensor:

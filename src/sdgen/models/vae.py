@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdgen.models.layers import Downsample, ResBlock, SelfAttention2d, Stage, Upsample, norm_silu
+from sdgen.models.layers import Downsample, ResBlock, SelfAttention2d, Stage, Upsample, group_norm
 
 _DOWN, _UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
 _EPS = 1e-6  # every norm of the SD VAE uses this epsilon
@@ -190,7 +190,7 @@ class Encoder(nn.Module):
             if stage.downsamplers is not None:
                 h = stage.downsamplers[0](h)
         h = _run_mid(self.mid_block, h)
-        return self.conv_out(norm_silu(self.conv_norm_out, h))
+        return self.conv_out(group_norm(self.conv_norm_out, h, silu=True))
 
 
 class Decoder(nn.Module):
@@ -219,7 +219,7 @@ class Decoder(nn.Module):
                 h = resnet(h)
             if stage.upsamplers is not None:
                 h = stage.upsamplers[0](h)
-        return self.conv_out(norm_silu(self.conv_norm_out, h))
+        return self.conv_out(group_norm(self.conv_norm_out, h, silu=True))
 
 
 def _run_mid(stage: Stage, h: torch.Tensor) -> torch.Tensor:

@@ -81,9 +81,9 @@ def geglu_kernel():
     return torch.ops.sdgen_kernels.geglu if _library_loaded() else None
 
 
-def group_norm_silu_kernel():
-    """`torch.ops.sdgen_kernels.group_norm_silu`, building the library if needed, or None if unavailable."""
-    return torch.ops.sdgen_kernels.group_norm_silu if _library_loaded() else None
+def group_norm_kernel():
+    """`torch.ops.sdgen_kernels.group_norm` (optionally + SiLU), building the library if needed, or None."""
+    return torch.ops.sdgen_kernels.group_norm if _library_loaded() else None
 
 
 def _library_loaded() -> bool:
