@@ -33,6 +33,7 @@ from report import Report, image_quality, write_section  # noqa: E402
 from timing import count_flops, gemm_peak, interleaved, machine_line  # noqa: E402
 
 import peers  # noqa: E402
+from sdgen.runtime import kernels  # noqa: E402
 from sdgen.runtime.fast import FastOptions, accelerate, accelerate_pipeline  # noqa: E402
 
 PROMPT, NEGATIVE, CFG = "a tranquil lake with the mountains at sunset", "", 7.5
@@ -67,6 +68,18 @@ def unet_inputs(spec, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]
     return x.to(dtype), torch.tensor([500.0, 500.0]), context.to(dtype)
 
 
+# The bf16 fast path with PyTorch's operations in place of sdgen's compiled kernels, timed in the
+# same rounds to show what the kernels give (only where they are built).
+WITHOUT_KERNELS = "sdgen bf16 fast, no compiled kernels"
+
+
+def without_kernels(call):
+    def run():
+        with kernels.suspended():
+            return call()
+    return run
+
+
 def bench_dtype(args, spec, folder: Path, dtype_name: str, report: Report, fp32_images: dict) -> None:
     """Every in-process comparison for one dtype: U-Net step, text encoding, VAE decode, txt2img."""
     dtype = DTYPES[dtype_name]
@@ -87,6 +100,8 @@ def bench_dtype(args, spec, folder: Path, dtype_name: str, report: Report, fp32_
                        f"sdgen {dtype_name}": lambda: ours.unet(x, t, context)}
             if fast:
                 systems[f"sdgen {dtype_name} fast"] = lambda: fast.unet(x, t, context)
+            if dtype_name == "bf16" and kernels.attention_kernel() is not None:
+                systems[WITHOUT_KERNELS] = without_kernels(lambda: fast.unet(x, t, context))
             if args.peers and "openvino" in args.peers:
                 for precision in (["bf16"] if dtype_name == "bf16" else ["f32"]):
                     converted = peers.openvino_unet(ref.unet, (x, t, context), precision)
@@ -114,6 +129,8 @@ def bench_dtype(args, spec, folder: Path, dtype_name: str, report: Report, fp32_
                     f"sdgen {dtype_name}": lambda: ours.vae.decode(latents.to(dtype))}
         if fast:
             decoders[f"sdgen {dtype_name} fast"] = lambda: fast.vae.decode(latents.to(dtype))
+        if dtype_name == "bf16" and kernels.attention_kernel() is not None:
+            decoders[WITHOUT_KERNELS] = without_kernels(lambda: fast.vae.decode(latents.to(dtype)))
         timings = interleaved(f"VAE decode {args.vae_size}x{args.vae_size}", decoders, rounds, warmup=1)
         timings.flops = count_flops(decoders[f"sdgen {dtype_name}"])
         report.add(timings, dtype_name)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from sdgen.runtime import kernels
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
 
@@ -35,6 +37,11 @@ def test_bench_smoke_mode_writes_every_section(tmp_path: Path) -> None:
             assert math.isfinite(ratio) and ratio > 0, line
     assert {"sdgen bf16 fast"} <= {line.split("|")[3].strip() for line in text.splitlines()
                                    if line.startswith("| U-Net step")}
+    if kernels.unavailable_reason() is None:  # the same fast path without the compiled kernels, beside it
+        for workload in ("U-Net step 64x64", "VAE decode 64x64"):
+            assert f"| {workload}" in text and any(
+                line.startswith(f"| {workload}") and "| sdgen bf16 fast, no compiled kernels |" in line
+                for line in text.splitlines()), workload
     memory = re.findall(r"^\| (sdgen|diffusers) bf16 \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", text, re.M)
     assert {system for system, *_ in memory} == {"sdgen", "diffusers"}, text
     # --sdxl: SDXL's U-Net step in the timing table, SDXL and a tiled decode in their own processes

@@ -7,6 +7,10 @@ the fast path keeps PyTorch's operations (tested in test_fast_paths.py with the 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -166,12 +170,37 @@ def test_fast_resblock_takes_the_norm_kernel_and_restore_leaves_it(kernel, layou
     assert relative_rms(fast, plain.float()) <= 0.02
 
 
+def test_suspended_runs_pytorchs_operations_in_the_block_only(kernel) -> None:
+    """What the benchmark's "no compiled kernels" rows time: inside the block the fast path takes
+    PyTorch's blocked products (a different rounding), after it the kernel again."""
+    q, k, v = (t.view(1, 300, 80) for t in random_qkv(1, 300, 300, 80, seed=4))
+    with_kernel = layers.multi_head_attention(q, k, v, heads=2, blocked=True)
+    with kernels.suspended():
+        assert kernels.attention_kernel() is None and kernels.group_norm_kernel() is None
+        without = layers.multi_head_attention(q, k, v, heads=2, blocked=True)
+    assert kernels.attention_kernel() is kernel
+    assert not torch.equal(with_kernel, without)
+    assert torch.equal(layers.multi_head_attention(q, k, v, heads=2, blocked=True), with_kernel)
+
+
 def test_kernels_can_be_turned_off(monkeypatch) -> None:
     monkeypatch.setenv("SDGEN_NO_KERNELS", "1")
     monkeypatch.setattr(kernels, "_state", {})
     assert kernels.unavailable_reason() == "turned off by SDGEN_NO_KERNELS=1"
     assert kernels.attention_kernel() is None and kernels.geglu_kernel() is None
     assert kernels.group_norm_kernel() is None
+
+
+def test_the_kernels_build_from_source_into_an_empty_cache(tmp_path) -> None:
+    """What `make setup` runs on a fresh machine (the suite itself may reuse a cached build)."""
+    if kernels.unavailable_reason() is not None:
+        pytest.skip(f"no compiled kernels here: {kernels.unavailable_reason()}")
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "sdgen.runtime.kernels"], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "CPU kernels ready in" in result.stdout and "compiling" in result.stderr
+    assert list(tmp_path.glob(f"sdgen/kernels/*/{kernels.LIBRARY}"))
 
 
 def test_a_failed_build_falls_back_to_pytorch_with_one_message(tmp_path, monkeypatch, capsys) -> None:

@@ -11,6 +11,7 @@ functions return None and callers keep PyTorch's own operations.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -32,6 +33,7 @@ LIBRARY = "sdgen_kernels.so"
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded" once loaded, "reason" once known to be unavailable
+_suspended = threading.local()  # .depth > 0 inside `suspended()`, per thread
 
 
 def cpu_flags() -> set[str]:
@@ -86,9 +88,22 @@ def group_norm_kernel():
     return torch.ops.sdgen_kernels.group_norm if _library_loaded() else None
 
 
+@contextlib.contextmanager
+def suspended():
+    """Inside this block (in this thread) the `*_kernel()` functions return None: the fast paths run
+    PyTorch's operations, as on a machine without the kernels (the benchmark compares the two)."""
+    _suspended.depth = getattr(_suspended, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _suspended.depth -= 1
+
+
 def _library_loaded() -> bool:
     """Load (building first if needed) the kernel library once per process; a failed build is
     reported once on stderr and not retried."""
+    if getattr(_suspended, "depth", 0):
+        return False
     with _lock:
         if "loaded" in _state or "reason" in _state:
             return "loaded" in _state
