@@ -26,7 +26,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--fast", action="store_true",
-                        help="CPU fast paths: weights prepacked for oneDNN, attention in fp32 or blocked bf16 (rounding changes only)")
+                        help="CPU fast paths: weights prepacked for oneDNN; in bf16, sdgen's compiled attention, GEGLU and GroupNorm kernels where built (rounding changes only)")
     parser.add_argument("--queue-size", type=int, default=32, help="queued + running jobs before 503")
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="width x height limit")
     parser.add_argument("--max-side", type=int, default=defaults.max_side, help="width or height limit")
