@@ -22,10 +22,11 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
