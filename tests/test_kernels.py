@@ -7,9 +7,12 @@ the fast path keeps PyTorch's operations (tested in test_fast_paths.py with the 
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,6 +204,17 @@ def test_the_kernels_build_from_source_into_an_empty_cache(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "CPU kernels ready in" in result.stdout and "compiling" in result.stderr
     assert list(tmp_path.glob(f"sdgen/kernels/*/{kernels.LIBRARY}"))
+
+
+def test_the_package_data_carries_every_source_and_header_the_build_reads() -> None:
+    """A wheel or non-editable install builds from the files setuptools copied: a header left out
+    of package-data fails the build only on users' machines."""
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["sdgen"]
+    package_root = Path(kernels.__file__).parents[2]
+    for path in kernels.SOURCES + kernels.HEADERS:
+        relative = path.relative_to(package_root).as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative
 
 
 def test_a_failed_build_falls_back_to_pytorch_with_one_message(tmp_path, monkeypatch, capsys) -> None:
