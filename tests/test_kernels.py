@@ -44,9 +44,12 @@ def random_qkv(heads: int, queries: int, keys: int, dim: int, seed: int, magnitu
 
 
 # (heads, queries, keys, dim): SD's head sizes (40, 64, 80, 160; 512 in the VAE), query counts that
-# are not a multiple of the six-row tile, key counts that are not a multiple of 16, odd-sized heads.
+# are not a multiple of the six-row tile, key counts that are not a multiple of 16 (77: the text's),
+# odd-sized heads, and each way the value product splits its columns (24, 56, 72, 88: whole vectors
+# with a half one).
 SHAPES = [(16, 1024, 1024, 40), (4, 300, 300, 64), (2, 257, 257, 80), (3, 97, 130, 160), (1, 600, 600, 512),
-          (5, 1, 1, 8), (2, 37, 17, 42), (1, 13, 5, 2)]
+          (5, 1, 1, 8), (2, 37, 17, 42), (1, 13, 5, 2), (3, 50, 77, 24), (2, 40, 90, 56), (2, 20, 33, 72),
+          (2, 31, 77, 88)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -156,6 +156,6 @@ def compiled_attention(op, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     """softmax(q k^T * scale) v over (heads, tokens, dim) bf16 tensors with the compiled kernel; dim even."""
     keys, dim = k.shape[1], k.shape[2]
     keys_padded = -(-keys // 16) * 16
-    dim_padded = -(-dim // 16) * 16
+    dim_padded = -(-dim // 8) * 8
     return op(q.contiguous(), pack_keys(k, keys_padded), pack_values(v, keys_padded, dim_padded), keys, scale)
 
