@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from reference_models import UNET_FAMILIES, make_reference_unet, make_reference_vae, unet_example_inputs
+from sdgen.models.layers import Upsample
 from sdgen.models.unet import UNet, UNetConfig
 from sdgen.models.vae import AutoencoderKL, VAEConfig
 from sdgen.runtime.fast import FastOptions, accelerate, restore
@@ -268,3 +269,54 @@ def test_prepacked_layers_repack_on_weight_change_and_keep_autograd() -> None:
     model.requires_grad_(True)
     model(x).float().sum().backward()
     assert model[0].weight.grad is not None and model[2].weight.grad is not None
+
+
+UPSAMPLE_CASES = [((1, 8, 5, 7), torch.float32, False), ((2, 16, 8, 8), torch.float32, True),
+                  ((1, 16, 6, 9), torch.bfloat16, False), ((2, 32, 8, 8), torch.bfloat16, True)]
+
+
+@pytest.mark.parametrize("shape, dtype, channels_last", UPSAMPLE_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{str(d)[6:]}-{'nhwc' if c else 'nchw'}"
+                              for s, d, c in UPSAMPLE_CASES])
+@pytest.mark.parametrize("prepack", [True, False], ids=["prepacked", "plain"])
+@torch.no_grad()
+def test_upsampling_by_phases_is_the_same_function(shape, dtype, channels_last, prepack) -> None:
+    """Nearest 2x then a 3x3 convolution, computed as four 2x2 convolutions of the small input: the
+    same values up to rounding (fp32: summation order; bf16: the summed taps rounded once), odd
+    sizes and both layouts included."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    upsample = Upsample(shape[1]).eval()
+    for tensor in upsample.parameters():
+        tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2)
+    exact = upsample(torch.randn(shape, generator=torch.Generator().manual_seed(1)))
+    upsample = upsample.to(dtype)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    plain = upsample(x)
+    accelerate(upsample, FastOptions(prepack=prepack))
+    assert "forward" in upsample.__dict__
+    phased = upsample(x)
+    assert phased.shape == plain.shape == exact.shape and phased.dtype == dtype
+    if dtype == torch.float32:
+        assert relative_rms(phased, exact) <= 1e-5
+    else:
+        assert relative_rms(phased, exact) <= 1.5 * relative_rms(plain, exact) + 1e-3
+
+
+@torch.no_grad()
+def test_upsampling_by_phases_follows_weight_changes_and_odd_targets() -> None:
+    """A weight changed in place (a LoRA merged) is taken up at the next call; an upsampling to an
+    odd size (a U-Net skip of odd size) takes the plain path; restore drops the phase kernels."""
+    upsample = accelerate(Upsample(8).eval(), FastOptions(prepack=False))
+    x = torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(2))
+    before = upsample(x)
+    upsample.conv.weight.mul_(2.0)
+    upsample.conv.bias.zero_()
+    after = upsample(x)
+    assert relative_rms(after, type(upsample).forward(upsample, x)) <= 1e-5
+    assert relative_rms(after, before) > 0.1
+    odd = upsample(x, size=(11, 13))
+    assert odd.shape[-2:] == (11, 13) and torch.equal(odd, type(upsample).forward(upsample, x, (11, 13)))
+    restore(upsample)
+    assert "_phases" not in upsample.__dict__ and "forward" not in upsample.__dict__
