@@ -34,6 +34,7 @@ from timing import count_flops, gemm_peak, interleaved, machine_line  # noqa: E4
 
 import peers  # noqa: E402
 from sdgen.runtime import kernels  # noqa: E402
+from sdgen.runtime.allocator import keep_freed_memory  # noqa: E402
 from sdgen.runtime.fast import FastOptions, accelerate, accelerate_pipeline  # noqa: E402
 
 PROMPT, NEGATIVE, CFG = "a tranquil lake with the mountains at sunset", "", 7.5
@@ -419,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(command.strip(), datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), machine_line(),
                     args.smoke)
     log(machine_line())
+    if keep_freed_memory():  # as sdgen does when it loads a model on the CPU
+        report.note("glibc keeps freed memory for the next call (sdgen's CPU setting, sdgen.runtime.allocator); "
+                    "it is process-wide, so diffusers and OpenVINO in this process run with it too")
     if "peak" not in args.skip:
         size = 1024 if args.smoke else 4096
         report.peaks = {"fp32": gemm_peak(torch.float32, size), "bf16": gemm_peak(torch.bfloat16, size)}

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import torch
 
+from sdgen.runtime.allocator import keep_freed_memory
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then MPS, then the CPU."""
+    """`auto` picks CUDA, then MPS, then the CPU. Choosing the CPU also keeps freed activations for
+    the next model call (process-wide: sdgen.runtime.allocator)."""
+    device = _device(name)
+    if device.type == "cpu":
+        keep_freed_memory()
+    return device
+
+
+def _device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
