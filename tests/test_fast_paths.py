@@ -297,6 +297,8 @@ def test_upsampling_by_phases_is_the_same_function(shape, dtype, channels_last, 
     accelerate(upsample, FastOptions(prepack=prepack))
     assert "forward" in upsample.__dict__
     phased = upsample(x)
+    assert torch.equal(upsample(x, size=(2 * shape[2], 2 * shape[3])), phased)  # as the U-Net asks for it
+    assert "_phases" in upsample.__dict__
     assert phased.shape == plain.shape == exact.shape and phased.dtype == dtype
     if dtype == torch.float32:
         assert relative_rms(phased, exact) <= 1e-5

@@ -170,11 +170,13 @@ def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _upsample_by_phases(upsample: Upsample, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Upsample.forward for an exact 2x upsampling: one 2x2 convolution with 4 C_out outputs over the
+    """Upsample.forward for an exact 2x upsampling (the U-Net passes its skip's size, twice the input's
+    unless that is odd): one 2x2 convolution with 4 C_out outputs over the
     input padded by one pixel gives, for phase (a, b), output pixel (2i + a, 2j + b) at (i + a, j + b)."""
     conv = upsample.conv
-    if size is not None or x.ndim != 4 or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)):
-        return type(upsample).forward(upsample, x, size)
+    doubled = x.ndim == 4 and (size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]))
+    if not doubled or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)):
+        return type(upsample).forward(upsample, x, size)  # an odd target size (U-Net skips), or training
     phases = upsample.__dict__.get("_phases")
     if phases is None or phases[0] is not conv.weight or phases[1] != _version(conv.weight):
         bias = None if conv.bias is None else conv.bias.detach().repeat(4)
