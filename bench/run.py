@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import SPECS, load_reference, sdgen_from_reference, sdgen_unet, write_folder  # noqa: E402
+from models import SPECS, load_reference, random_init_, sdgen_from_reference, sdgen_unet, write_folder  # noqa: E402
 from report import Report, image_quality, write_section  # noqa: E402
 from timing import count_flops, gemm_peak, interleaved, machine_line  # noqa: E402
 
 import peers  # noqa: E402
 from sdgen.runtime import kernels  # noqa: E402
+from sdgen.models.tiny_decoder import TinyDecoder  # noqa: E402
 from sdgen.runtime.allocator import keep_freed_memory  # noqa: E402
 from sdgen.runtime.fast import FastOptions, accelerate, accelerate_pipeline  # noqa: E402
 
@@ -68,6 +69,9 @@ def unet_inputs(spec, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]
     context = torch.randn(2, 77, spec.unet.cross_attention_dim, generator=generator)
     return x.to(dtype), torch.tensor([500.0, 500.0]), context.to(dtype)
 
+
+# Previews through a tiny decoder of TAESD's shape (random weights: its time, not its pictures).
+TINY_DECODER = "sdgen tiny decoder, previews only,"
 
 # The bf16 fast path with PyTorch's operations in place of sdgen's compiled kernels, timed in the
 # same rounds to show what the kernels give (only where they are built).
@@ -132,6 +136,9 @@ def bench_dtype(args, spec, folder: Path, dtype_name: str, report: Report, fp32_
             decoders[f"sdgen {dtype_name} fast"] = lambda: fast.vae.decode(latents.to(dtype))
         if dtype_name == "bf16" and kernels.attention_kernel() is not None:
             decoders[WITHOUT_KERNELS] = without_kernels(lambda: fast.vae.decode(latents.to(dtype)))
+        if fast:  # beyond the peers: a tiny (TAESD-shaped) decoder, for previews only
+            tiny = accelerate(random_init_(TinyDecoder(), seed=5).to(dtype).eval())
+            decoders[f"{TINY_DECODER} {dtype_name}"] = lambda: tiny(latents.to(dtype))
         timings = interleaved(f"VAE decode {args.vae_size}x{args.vae_size}", decoders, rounds, warmup=1)
         timings.flops = count_flops(decoders[f"sdgen {dtype_name}"])
         report.add(timings, dtype_name)

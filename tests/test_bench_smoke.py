@@ -42,6 +42,9 @@ def test_bench_smoke_mode_writes_every_section(tmp_path: Path) -> None:
             assert f"| {workload}" in text and any(
                 line.startswith(f"| {workload}") and "| sdgen bf16 fast, no compiled kernels |" in line
                 for line in text.splitlines()), workload
+    for dtype in ("fp32", "bf16"):  # the tiny preview decoder, timed beside the VAE decode
+        assert any(line.startswith("| VAE decode 64x64") and f"| sdgen tiny decoder, previews only, {dtype} |" in line
+                   for line in text.splitlines()), dtype
     memory = re.findall(r"^\| (sdgen|diffusers) bf16 \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", text, re.M)
     assert {system for system, *_ in memory} == {"sdgen", "diffusers"}, text
     # --sdxl: SDXL's U-Net step in the timing table, SDXL and a tiled decode in their own processes

@@ -29,6 +29,7 @@ from sdgen.checkpoints import CheckpointError, read_checkpoint, read_vae
 from sdgen.cli import main
 from sdgen.errors import UserError
 from sdgen.lora import LoraError, find_lora, read_lora
+from sdgen.models.tiny_decoder import load_tiny_decoder
 from sdgen.pipelines.image_files import read_infotext
 from sdgen.pipelines.images import open_image, read_image, read_image_parameters
 from sdgen.prompting.embeddings import EmbeddingError, EmbeddingLibrary, read_embedding
@@ -62,7 +63,8 @@ def _evil_files(tmp_path: Path, forbidden: str) -> tuple[Path, list[Path]]:
 def test_lora_vae_and_embedding_loaders_refuse_code_running_pickles(tmp_path, forbidden):
     sentinel, paths = _evil_files(tmp_path, forbidden)
     for path in paths:
-        for loader, error in ((read_lora, LoraError), (read_embedding, EmbeddingError), (read_vae, CheckpointError)):
+        for loader, error in ((read_lora, LoraError), (read_embedding, EmbeddingError), (read_vae, CheckpointError),
+                              (load_tiny_decoder, CheckpointError)):
             with pytest.raises(error, match=f"the global '{forbidden}'") as caught:
                 loader(path)
             _one_line(caught.value)
@@ -317,7 +319,7 @@ def test_no_loader_falls_back_to_an_unrestricted_unpickler(tmp_path, monkeypatch
     for owner, name in ((torch, "load"), (torch.serialization, "load"), (pickle, "load"), (pickle, "loads")):
         monkeypatch.setattr(owner, name, forbidden)
     for path in paths:
-        for loader in (read_lora, read_embedding, read_vae, sdgen.load):
+        for loader in (read_lora, read_embedding, read_vae, load_tiny_decoder, sdgen.load):
             with pytest.raises(UserError, match="builtins.eval"):
                 loader(path)
     assert not sentinel.exists()
@@ -336,7 +338,7 @@ def test_pickle_opcodes_declaring_huge_sizes_allocate_nothing(tmp_path, name, op
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (psutil.Process().memory_info().vms + (1 << 30), hard))
     try:  # with 1 GB of address space to spare, any attempt to allocate the declared size fails
-        for loader in (read_lora, read_embedding, read_vae, read_checkpoint):
+        for loader in (read_lora, read_embedding, read_vae, load_tiny_decoder, read_checkpoint):
             with pytest.raises(UserError) as caught:
                 loader(path)
             assert "MemoryError" not in str(caught.value)

@@ -32,6 +32,8 @@ def _token_merging_ratio(text: str) -> float:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    from sdgen.server.arguments import FAST_HELP  # the serve command's parser imports it too
+
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None, help="diffusers folder, .safetensors or .ckpt (default: the embedded model)")
     group.add_argument("--vae", default=None, help="replace the model's VAE (folder or single file)")
@@ -39,8 +41,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prediction", choices=["eps", "v"], default=None, help="override the model's prediction type")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     group.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute precision (fp16 is refused on a CPU)")
-    group.add_argument("--fast", action="store_true",
-                       help="CPU fast paths: weights prepacked for oneDNN; in bf16, sdgen's compiled attention, GEGLU and GroupNorm kernels where built (rounding changes only)")
+    group.add_argument("--fast", action="store_true", help=FAST_HELP)
     group.add_argument("--step-cache", type=_step_cache_interval, default=0, metavar="N",
                        help="implies --fast: the whole U-Net only every N-th step (DeepCache); faster, images change")
     group.add_argument("--token-merging", type=_token_merging_ratio, default=0.0, metavar="RATIO",

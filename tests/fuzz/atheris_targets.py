@@ -26,8 +26,10 @@ with atheris.instrument_imports(include=["sdgen"]):
     from fuzz_oracle import LOADERS, check_file
 
 TARGETS = {
-    "safetensors": ["load_state_dict", "read_checkpoint", "read_vae", "read_lora", "read_embedding"],
-    "ckpt": ["load_state_dict", "read_checkpoint", "read_vae", "read_lora", "read_embedding"],
+    "safetensors": ["load_state_dict", "read_checkpoint", "read_vae", "read_lora", "read_embedding",
+                    "load_tiny_decoder"],
+    "ckpt": ["load_state_dict", "read_checkpoint", "read_vae", "read_lora", "read_embedding",
+             "load_tiny_decoder"],
     "png": ["read_image", "read_infotext"],
     "all": list(LOADERS),
 }

@@ -2,7 +2,8 @@
 
 Shared by the corpus replay (`test_fuzz_replay.py`, in CI) and the atheris targets
 (`atheris_targets.py`, longer runs by hand). The loaders are the public entry points a user's
-file reaches: model checkpoints, VAEs, LoRAs, textual-inversion embeddings, images and their
+file reaches: model checkpoints, VAEs, LoRAs, textual-inversion embeddings, tiny preview decoders,
+images and their
 infotext. Formats are sniffed from content, so every loader gets every file.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from sdgen.checkpoints import load_state_dict, read_checkpoint, read_vae
 from sdgen.errors import UserError
 from sdgen.lora import read_lora
+from sdgen.models.tiny_decoder import load_tiny_decoder
 from sdgen.pipelines.image_files import read_infotext
 from sdgen.pipelines.images import read_image
 from sdgen.prompting.embeddings import read_embedding
@@ -32,6 +34,7 @@ LOADERS: dict[str, Callable[[Path], object]] = {
     "read_vae": read_vae,
     "read_lora": read_lora,
     "read_embedding": read_embedding,
+    "load_tiny_decoder": load_tiny_decoder,
     "read_image": _image,
     "read_infotext": read_infotext,
 }

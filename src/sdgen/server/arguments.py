@@ -8,6 +8,9 @@ from pathlib import Path
 from sdgen.pipelines.request import Limits
 from sdgen.server.config import DEFAULT_PORT, ServerConfig, default_data_dir
 
+FAST_HELP = ("CPU fast paths: weights prepacked for oneDNN, upsampling convolutions split by output phase;"
+             " in bf16, sdgen's compiled attention, GEGLU and GroupNorm kernels where built (rounding changes only)")
+
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerConfig.__dataclass_fields__["limits"].default
@@ -25,8 +28,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", default=None, help="a folder of checkpoints offered in /sdapi/v1/sd-models")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--fast", action="store_true",
-                        help="CPU fast paths: weights prepacked for oneDNN; in bf16, sdgen's compiled attention, GEGLU and GroupNorm kernels where built (rounding changes only)")
+    parser.add_argument("--fast", action="store_true", help=FAST_HELP)
     parser.add_argument("--queue-size", type=int, default=32, help="queued + running jobs before 503")
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="width x height limit")
     parser.add_argument("--max-side", type=int, default=defaults.max_side, help="width or height limit")
@@ -36,6 +38,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars)
     parser.add_argument("--max-body-mb", type=float, default=32.0, help="request body cap (413 above it)")
     parser.add_argument("--preview-every", type=int, default=3, help="live preview every N steps (0: none)")
+    parser.add_argument("--preview-decoder", default=None, metavar="PATH",
+                        help="previews through a tiny decoder (a TAESD decoder file or AutoencoderTiny folder for "
+                             "the model's latent space) instead of the cheap linear map")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -53,7 +58,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=args.model, models_dir=args.models_dir, api_auth=args.api_auth, insecure=args.insecure,
         allowed_hosts=tuple(args.allowed_host), limits=limits, max_queue=args.queue_size,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), preview_every=max(0, args.preview_every),
-        device=args.device, dtype=args.dtype, fast=args.fast)
+        device=args.device, dtype=args.dtype, fast=args.fast,
+        preview_decoder=Path(args.preview_decoder).expanduser() if args.preview_decoder else None)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Live previews: a fixed linear map from the 4 latent channels to RGB, as A1111's "Approx cheap".
+"""Live previews: a fixed linear map from the 4 latent channels to RGB, as A1111's "Approx cheap"; or,
+when `sdgen serve --preview-decoder` names one, a tiny decoder (models/tiny_decoder.py, A1111's "TAESD").
 
 Instead of a table of coefficients per model family, the map is fitted once per loaded model
 by least squares: a few smooth synthetic colour fields are encoded with the model's own VAE
@@ -59,6 +60,14 @@ def preview_image(latents: torch.Tensor, weights: torch.Tensor, size: tuple[int,
     if size is not None:
         image = image.resize(size, Image.Resampling.BILINEAR)
     return image
+
+
+@torch.inference_mode()
+def tiny_preview_pixels(decoder: torch.nn.Module, latents: torch.Tensor) -> np.ndarray:
+    """One U-Net-scale latent (1, channels, h, w) through a tiny (TAESD) decoder: (H, W, 3) uint8."""
+    parameter = next(decoder.parameters())
+    image = decoder(latents.to(parameter.device, parameter.dtype))[0].float().clamp(-1, 1)
+    return ((image + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -24,9 +25,10 @@ from sdgen.diffusion.samplers import Interrupted
 from sdgen.errors import UserError
 from sdgen.pipelines.loading import embedded_model_path
 from sdgen.pipelines.request import GenerationRequest, Img2ImgRequest
-from sdgen.runtime.fast import accelerate_pipeline
+from sdgen.runtime.fast import accelerate, accelerate_pipeline
 from sdgen.server.catalog import Catalog, CheckpointEntry
-from sdgen.server.previews import fit_preview_map, png_bytes, preview_image
+from sdgen.models.tiny_decoder import TinyDecoder, load_tiny_decoder
+from sdgen.server.previews import fit_preview_map, png_bytes, preview_image, tiny_preview_pixels
 from sdgen.server.store import Job, Store
 
 
@@ -49,6 +51,7 @@ class Progress:
     interrupted: bool = False
     textinfo: str | None = None
     preview_latents: torch.Tensor | None = field(default=None, repr=False)
+    preview_pixels: np.ndarray | None = field(default=None, repr=False)  # from the tiny decoder, when there is one
     preview_step: int = -1
 
     def state(self) -> dict:
@@ -78,9 +81,12 @@ class Worker:
     """Runs jobs from `store` one at a time on a daemon thread; loads models from `catalog` on demand."""
 
     def __init__(self, store: Store, catalog: Catalog, *, device: str = "auto", dtype: str = "fp32", fast: bool = False,
-                 preview_every: int = 3):
+                 preview_every: int = 3, preview_decoder: Path | None = None):
         self.store, self.catalog = store, catalog
         self.device, self.dtype, self.fast, self.preview_every = device, dtype, fast, preview_every
+        # read at start, so that a wrong path stops `sdgen serve` with one line before it listens
+        self.preview_decoder: TinyDecoder | None = load_tiny_decoder(preview_decoder) if preview_decoder else None
+        self.tiny_previews = False  # the loaded model's latents fit the tiny decoder
         self.pipeline = None
         self.loaded: CheckpointEntry | None = None
         self.preview_map: torch.Tensor | None = None
@@ -148,13 +154,16 @@ class Worker:
         Encoded once per new preview: clients polling progress many times a second reuse it.
         """
         with self._lock:
-            latents, weights = self.progress.preview_latents, self.preview_map
+            latents, pixels, weights = self.progress.preview_latents, self.progress.preview_pixels, self.preview_map
             key = (self.progress.job, self.progress.preview_step)
             if self._preview_cache[0] == key:
                 return self._preview_cache[1]
-        if latents is None or weights is None:
+        if pixels is not None:
+            data = png_bytes(Image.fromarray(pixels))
+        elif latents is None or weights is None:
             return None
-        data = png_bytes(preview_image(latents, weights))
+        else:
+            data = png_bytes(preview_image(latents, weights))
         with self._lock:
             self._preview_cache = (key, data)
         return data
@@ -203,7 +212,7 @@ class Worker:
         if entry is None:
             raise JobFailed(f"model {title!r} is no longer available; see /sdapi/v1/sd-models")
         if self.loaded is None or self.loaded.title != entry.title or self.pipeline is None:
-            self.pipeline, self.preview_map = None, None
+            self.pipeline, self.preview_map, self.tiny_previews = None, None, False
             with self._lock:
                 self.progress.textinfo = f"loading {entry.title}"
             pipeline = sdgen.load(entry.path, device=self.device, dtype=self.dtype)
@@ -214,17 +223,28 @@ class Worker:
                 self.preview_map = fit_preview_map(pipeline.vae, cfg.scaling_factor, cfg.shift_factor or 0.0)
             except Exception:  # previews are a convenience; a model without them still generates
                 self.preview_map = None
+            decoder = self.preview_decoder
+            if (decoder is not None and decoder.cfg.latent_channels == pipeline.vae.cfg.latent_channels
+                    and decoder.upscale == pipeline.latent_factor):  # else another latent space: linear previews
+                decoder.to(device=pipeline.device, dtype=next(pipeline.vae.parameters()).dtype)
+                if self.fast:
+                    accelerate(decoder)
+                self.tiny_previews = True
             self.pipeline, self.loaded = pipeline, entry
             with self._lock:
                 self.progress.textinfo = None
         return entry
 
     def _on_step(self, image_index: int, step: int, total: int, denoised: torch.Tensor) -> None:
+        preview = bool(self.preview_every) and (step % self.preview_every == 0 or step + 1 == total)
+        # the tiny decoder runs here, on the worker's own threads, not in a request thread
+        pixels = tiny_preview_pixels(self.preview_decoder, denoised[:1]) if preview and self.tiny_previews else None
         with self._lock:
             progress = self.progress
             progress.sampling_step, progress.sampling_steps = step + 1, total
-            if self.preview_every and (step % self.preview_every == 0 or step + 1 == total):
+            if preview:
                 progress.preview_latents = denoised[0].detach().float().cpu().clone()
+                progress.preview_pixels = pixels
                 progress.preview_step = step
             stop = progress.interrupted or progress.skipped
         if stop:
