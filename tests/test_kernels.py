@@ -209,6 +209,16 @@ def test_the_kernels_build_from_source_into_an_empty_cache(tmp_path) -> None:
     assert list(tmp_path.glob(f"sdgen/kernels/*/{kernels.LIBRARY}"))
 
 
+def test_the_kernel_benchmark_runs(kernel) -> None:
+    """bench/attention_kernel.py in its smoke mode: one table row per shape, within the test's tolerance."""
+    script = Path(__file__).parents[1] / "bench" / "attention_kernel.py"
+    result = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| (")]
+    assert len(rows) == 2
+    assert all(float(row[3]) > 0 and float(row[5]) < 0.01 for row in rows), result.stdout
+
+
 def test_the_package_data_carries_every_source_and_header_the_build_reads() -> None:
     """A wheel or non-editable install builds from the files setuptools copied: a header left out
     of package-data fails the build only on users' machines."""
