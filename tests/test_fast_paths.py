@@ -227,7 +227,7 @@ def test_step_cache_reuses_deep_features_between_full_steps() -> None:
     x, context = inputs["x"], inputs["context"]
     steps = [torch.tensor([t, t]) for t in (999.0, 800.0, 600.0, 400.0)]
     exact = [ours(x, t, context) for t in steps]
-    accelerate(ours, FastOptions(fp32_attention=False, prepack=False, blocked_attention=False,
+    accelerate(ours, FastOptions(fp32_attention=False, prepack=False, blocked_attention=False, upsample_phases=False,
                                  step_cache=2))  # nothing else: exact
     cached = [ours(x, t, context) for t in steps]
     assert torch.equal(cached[0], exact[0]) and torch.equal(cached[2], exact[2])  # full calls
