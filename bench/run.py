@@ -33,8 +33,8 @@ from report import Report, image_quality, write_section  # noqa: E402
 from timing import count_flops, gemm_peak, interleaved, machine_line  # noqa: E402
 
 import peers  # noqa: E402
-from sdgen.runtime import kernels  # noqa: E402
 from sdgen.models.tiny_decoder import TinyDecoder  # noqa: E402
+from sdgen.runtime import kernels  # noqa: E402
 from sdgen.runtime.allocator import keep_freed_memory  # noqa: E402
 from sdgen.runtime.fast import FastOptions, accelerate, accelerate_pipeline  # noqa: E402
 

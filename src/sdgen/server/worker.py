@@ -23,11 +23,11 @@ from PIL import Image
 import sdgen
 from sdgen.diffusion.samplers import Interrupted
 from sdgen.errors import UserError
+from sdgen.models.tiny_decoder import TinyDecoder, load_tiny_decoder
 from sdgen.pipelines.loading import embedded_model_path
 from sdgen.pipelines.request import GenerationRequest, Img2ImgRequest
 from sdgen.runtime.fast import accelerate, accelerate_pipeline
 from sdgen.server.catalog import Catalog, CheckpointEntry
-from sdgen.models.tiny_decoder import TinyDecoder, load_tiny_decoder
 from sdgen.server.previews import fit_preview_map, png_bytes, preview_image, tiny_preview_pixels
 from sdgen.server.store import Job, Store
 
