@@ -6,6 +6,8 @@ must draw the same image for the same seed and sampler.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -57,6 +59,14 @@ lr = 1e-3
 caption_dropout = 0.5
 ema_decay = 0.9
 cached_scenes = 32
+
+[tiny_decoder]
+channels = 16
+blocks = [1, 1, 1]
+pairs = 24
+steps = 2
+batch_size = 4
+lr = 1e-3
 """
 
 
@@ -70,14 +80,14 @@ def trained(tmp_path_factory):
 
 
 def test_every_stage_leaves_a_checkpoint_and_curve(trained):
-    for stage in ("autoencoder", "decoder", "clip", "unet"):
+    for stage in ("autoencoder", "decoder", "clip", "unet", "tiny_decoder"):
         assert (trained / "run" / stage / "checkpoint.pt").is_file()
         assert (trained / "run" / stage / "loss.png").is_file()
         assert (trained / "run" / stage / "metrics.jsonl").read_text().strip()
     layout = {p.relative_to(trained / "model").as_posix() for p in (trained / "model").rglob("*") if p.is_file()}
     assert {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
             "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt",
-            "scheduler/scheduler_config.json", "clip/model.safetensors"} <= layout
+            "scheduler/scheduler_config.json", "clip/model.safetensors", "tiny_decoder.safetensors"} <= layout
 
 
 def test_rerun_resumes_without_training_again(trained, monkeypatch):
@@ -101,7 +111,6 @@ def test_reference_pipeline_loads_export_and_draws_the_same_image(trained):
 
 def test_exported_clip_folder_declares_its_pixel_range(trained):
     """The small CLIP saw pixels in [-1, 1]; its folder says so to any CLIPImageProcessor."""
-    import json
 
     from PIL import Image
     from transformers import CLIPImageProcessor
@@ -115,12 +124,10 @@ def test_exported_clip_folder_declares_its_pixel_range(trained):
 
 def test_export_records_the_steps_each_stage_reached(trained):
     from sdgen.train.continue_from import read_training_record
-
-    import json
-
     from sdgen.train.embedded import LatentCache
 
-    assert read_training_record(trained / "model") == {"autoencoder": 2, "decoder": 2, "clip": 2, "unet": 3}
+    assert read_training_record(trained / "model") == {"autoencoder": 2, "decoder": 2, "clip": 2, "unet": 3,
+                                                       "tiny_decoder": 2}
     factor = json.loads((trained / "model" / "vae" / "config.json").read_text())["scaling_factor"]
     assert LatentCache.recorded_scaling_factor(trained / "run" / "latents") == factor != 1.0
 
@@ -149,10 +156,56 @@ def test_a_recipe_without_a_decoder_section_skips_that_stage(trained, tmp_path, 
     assert not (tmp_path / "run" / "decoder").exists()
 
 
+def test_tiny_decoder_learns_the_vaes_pictures_and_ships(trained, tmp_path):
+    """Distillation: more steps bring the preview decoder's pictures closer to the VAE's for the
+    same latents (pairs it was not trained on), and the export carries the trained weights in a
+    file the preview loader reads."""
+    import shutil
+
+    from sdgen.models.tiny_decoder import folder_tiny_decoder, load_tiny_decoder
+    from sdgen.train.checkpoint import load_checkpoint
+    from sdgen.train.data import SceneStream
+    from sdgen.train.embedded import DecodedLatents, Recipe, trained_vae
+    from sdgen.train.evaluate import psnr_db
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run, ignore=shutil.ignore_patterns("tiny_decoder"))
+    recipe = Recipe.load(trained / "tiny.toml")
+    factor = json.loads((trained / "model" / "vae" / "config.json").read_text())["scaling_factor"]
+    unseen = DecodedLatents.build(tmp_path / "unseen", trained_vae(recipe, run), SceneStream({"size": 32, "seed": 77}),
+                                  16, factor)
+
+    def psnr(steps: int) -> float:
+        run_training("tiny_decoder", config_path=str(trained / "tiny.toml"), run_dir=str(run), steps=steps)
+        from sdgen.models.tiny_decoder import TinyDecoder
+        from sdgen.train.embedded import tiny_decoder_config
+
+        decoder = TinyDecoder(tiny_decoder_config(recipe))
+        decoder.load_state_dict(load_checkpoint(run / "tiny_decoder" / "checkpoint.pt")["model"])
+        with torch.no_grad():
+            return float(np.mean(psnr_db(decoder(unseen.latents.float()), unseen.pictures)))
+
+    early, late = psnr(2), psnr(60)
+    assert late > early + 3, (early, late)
+
+    shipped = load_tiny_decoder(folder_tiny_decoder(trained / "model"))
+    assert shipped.upscale == 4 and shipped.cfg.channels == (16, 16, 16)
+    state = load_checkpoint(trained / "run" / "tiny_decoder" / "checkpoint.pt")["model"]
+    assert all(torch.allclose(shipped.state_dict()[k].float(), v, atol=1e-3) for k, v in state.items())
+
+
+def test_tiny_decoder_stages_must_match_the_latent_factor(trained, tmp_path):
+    from sdgen.errors import UserError
+
+    config = tmp_path / "wrong.toml"
+    config.write_text(TINY_RECIPE.replace("blocks = [1, 1, 1]", "blocks = [1, 1, 1, 1]"))
+    with pytest.raises(UserError, match="4x latents need 3"):
+        run_training("tiny_decoder", config_path=str(config), run_dir=str(tmp_path / "run"))
+
+
 def test_a_new_run_continues_from_the_exported_model(trained, tmp_path, monkeypatch):
     """A machine with the package but not the run: every stage starts from the export's weights
     at its recorded step, so only the U-Net's extra steps are trained."""
-    import json
     import tomllib
 
     from sdgen.train.checkpoint import load_checkpoint

@@ -5,6 +5,7 @@ diffusers' names give the reference's images; broken inputs give one-line errors
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,11 +101,11 @@ def test_tiny_decoder_refuses_what_it_cannot_read(reference, tmp_path, case) -> 
 def test_server_previews_go_through_the_tiny_decoder(tmp_path, monkeypatch, upscale) -> None:
     """`sdgen serve --preview-decoder`: each preview is the tiny decoder's picture of that step's
     denoised latent, at the image's full size, and the A1111 options say TAESD. A decoder for
-    another latent space (8x, against the embedded model's 4x VAE) leaves the linear previews."""
+    another latent space (8x, against the test model's 4x VAE) leaves the linear previews."""
     from PIL import Image
     from starlette.testclient import TestClient
 
-    from server_harness import fastapi_app, model_folder
+    from server_harness import fastapi_app
     from sdgen.server.app import create_app
     from sdgen.server.config import ServerConfig
     from sdgen.server.previews import tiny_preview_pixels
@@ -112,8 +113,8 @@ def test_server_previews_go_through_the_tiny_decoder(tmp_path, monkeypatch, upsc
     reference = reference_tiny_autoencoder(upscale=upscale)
     path = tmp_path / "taesd_decoder.safetensors"
     save_file(taesd_names({k: v for k, v in reference.state_dict().items() if k.startswith("decoder.")}), str(path))
-    app = create_app(ServerConfig(data_dir=tmp_path / "data", model=model_folder(), preview_decoder=path,
-                                  preview_every=2))
+    app = create_app(ServerConfig(data_dir=tmp_path / "data", model=model_without_own_decoder(tmp_path),
+                                  preview_decoder=path, preview_every=2))
     worker = fastapi_app(app).state.server.worker
     seen = []
     on_step = worker._on_step
@@ -128,7 +129,7 @@ def test_server_previews_go_through_the_tiny_decoder(tmp_path, monkeypatch, upsc
         response = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 4, "width": 64,
                                                           "height": 64, "seed": 1})
         assert response.status_code == 200, response.text
-    assert worker.tiny_previews == (upscale == 4)
+    assert worker.tiny_decoder is (worker.preview_decoder if upscale == 4 else None)
     previews = [(step, latents, png) for step, latents, png in seen if step in (0, 2, 3)]
     assert len(previews) == 3
     for step, latents, png in previews:
@@ -138,6 +139,60 @@ def test_server_previews_go_through_the_tiny_decoder(tmp_path, monkeypatch, upsc
             continue
         assert image.size == (64, 64)
         assert (np.asarray(image) == tiny_preview_pixels(worker.preview_decoder, latents)).all()
+
+
+def model_without_own_decoder(tmp_path) -> str:
+    """The embedded model's folder (4x latents) copied without its own preview decoder."""
+    import shutil
+
+    from sdgen.models.tiny_decoder import FOLDER_FILE
+    from sdgen.pipelines.loading import embedded_model_path
+
+    folder = tmp_path / "model"
+    shutil.copytree(embedded_model_path(), folder, ignore=shutil.ignore_patterns(FOLDER_FILE))
+    return str(folder)
+
+
+@pytest.mark.parametrize("case", ["own", "unreadable", "the user's first", "another latent space"])
+def test_a_model_folder_brings_its_own_preview_decoder(tmp_path, capfd, case) -> None:
+    """A folder's tiny_decoder.safetensors (the embedded model ships one) gives the previews when
+    the user passes none that fits; one that cannot be read leaves linear previews and a warning."""
+    from starlette.testclient import TestClient
+
+    from server_harness import fastapi_app
+    from sdgen.models.tiny_decoder import FOLDER_FILE, TinyDecoder
+    from sdgen.server.app import create_app
+    from sdgen.server.config import ServerConfig
+
+    folder = Path(model_without_own_decoder(tmp_path))
+    torch.manual_seed(4)
+    own = TinyDecoder(TinyDecoderConfig(channels=(8,) * 3, blocks=(1, 1, 1)))
+    if case == "unreadable":
+        (folder / FOLDER_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    else:
+        save_file(own.state_dict(), str(folder / FOLDER_FILE))
+    user = None
+    if case in ("the user's first", "another latent space"):
+        user = tmp_path / "user_decoder.safetensors"
+        reference = reference_tiny_autoencoder(upscale=4 if case == "the user's first" else 8)
+        save_file(taesd_names({k: v for k, v in reference.state_dict().items() if k.startswith("decoder.")}), str(user))
+    app = create_app(ServerConfig(data_dir=tmp_path / "data", model=str(folder), preview_decoder=user))
+    worker = fastapi_app(app).state.server.worker
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        response = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2, "width": 64,
+                                                          "height": 64, "seed": 1})
+        assert response.status_code == 200, response.text
+        progress_type = client.get("/sdapi/v1/options").json()["show_progress_type"]
+    if case == "unreadable":
+        assert worker.tiny_decoder is None and progress_type == "Approx cheap"
+        warning = [line for line in capfd.readouterr().err.splitlines() if FOLDER_FILE in line]
+        assert len(warning) == 1 and "previews use the linear map" in warning[0]
+    elif case == "the user's first":
+        assert worker.tiny_decoder is worker.preview_decoder and progress_type == "TAESD"
+    else:
+        assert worker.tiny_decoder is not None and worker.tiny_decoder is not worker.preview_decoder
+        assert worker.tiny_decoder.cfg == own.cfg and progress_type == "TAESD"
+        assert all(torch.equal(worker.tiny_decoder.state_dict()[k].float(), v) for k, v in own.state_dict().items())
 
 
 def test_serve_refuses_a_preview_decoder_it_cannot_read(tmp_path) -> None:

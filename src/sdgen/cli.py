@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--keep", type=int, default=None, help="print only the best N")
 
     train = commands.add_parser("train", help="train the embedded model (resumable)")
-    train.add_argument("stage", choices=["autoencoder", "decoder", "clip", "unet", "export", "all"])
+    train.add_argument("stage", choices=["autoencoder", "decoder", "clip", "unet", "tiny_decoder", "export", "all"])
     train.add_argument("--config", default="configs/embedded.toml")
     train.add_argument("--run", default="runs/embedded", help="run folder: checkpoints, logs, loss curves")
     train.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")

@@ -3,8 +3,9 @@ decoder), plain 3x3 convolutions and ReLUs with about 1.2 M weights.
 
 It decodes the U-Net's latents (already multiplied by the VAE's scaling factor) to an image in
 [-1, 1] in a few percent of the full VAE decoder's time (bench/RESULTS.md), at a visible cost in
-detail: it is for previews, never for the saved image. sdgen ships no weights for it (they must
-be trained against a VAE's latent space); `load_tiny_decoder` reads the user's:
+detail: it is for previews, never for the saved image. Its weights must be trained against one
+VAE's latent space: the embedded model ships its own (`tiny_decoder.safetensors` in the model
+folder, distilled by `sdgen train tiny_decoder`); `load_tiny_decoder` reads the user's:
 - a diffusers AutoencoderTiny folder (config.json and diffusion_pytorch_model.safetensors), or
 - a single TAESD decoder file (.safetensors, or a pickled .pth read without running its code),
   in TAESD's own key names (an nn.Sequential whose first entry is the clamp) or diffusers' names.
@@ -32,6 +33,7 @@ class TinyDecoderConfig:
     blocks: tuple[int, ...] = (3, 3, 3, 1)  # residual blocks per stage; stages but the last end with a 2x upsampling
 
 
+FOLDER_FILE = "tiny_decoder.safetensors"  # a model folder's own preview decoder, if it has one
 LATENT_CLAMP = 3.0  # latents are soft-clamped to +-3 (tanh) before the first convolution, whatever the config says
 
 
@@ -145,3 +147,13 @@ def load_tiny_decoder(path: str | Path, *, device: str | torch.device = "cpu",
         raise CheckpointError(path, f"not a tiny (TAESD) decoder: {problem}",
                               "pass a TAESD decoder file or an AutoencoderTiny folder") from None
     return decoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def folder_tiny_decoder(model_path: str | Path | None) -> Path | None:
+    """The preview decoder a model folder ships beside its VAE (None: the embedded model), if any."""
+    if model_path is None:
+        from sdgen.pipelines.loading import embedded_model_path
+
+        model_path = embedded_model_path()
+    path = Path(model_path) / FOLDER_FILE
+    return path if path.is_file() else None

@@ -8,6 +8,7 @@ skip drops the current iteration and goes on with the next (later images keep se
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import traceback
@@ -21,9 +22,10 @@ import torch
 from PIL import Image
 
 import sdgen
+from sdgen.checkpoints.errors import CheckpointError
 from sdgen.diffusion.samplers import Interrupted
 from sdgen.errors import UserError
-from sdgen.models.tiny_decoder import TinyDecoder, load_tiny_decoder
+from sdgen.models.tiny_decoder import TinyDecoder, folder_tiny_decoder, load_tiny_decoder
 from sdgen.pipelines.loading import embedded_model_path
 from sdgen.pipelines.request import GenerationRequest, Img2ImgRequest
 from sdgen.runtime.fast import accelerate, accelerate_pipeline
@@ -86,7 +88,7 @@ class Worker:
         self.device, self.dtype, self.fast, self.preview_every = device, dtype, fast, preview_every
         # read at start, so that a wrong path stops `sdgen serve` with one line before it listens
         self.preview_decoder: TinyDecoder | None = load_tiny_decoder(preview_decoder) if preview_decoder else None
-        self.tiny_previews = False  # the loaded model's latents fit the tiny decoder
+        self.tiny_decoder: TinyDecoder | None = None  # the one the loaded model's previews use, if any
         self.pipeline = None
         self.loaded: CheckpointEntry | None = None
         self.preview_map: torch.Tensor | None = None
@@ -212,7 +214,7 @@ class Worker:
         if entry is None:
             raise JobFailed(f"model {title!r} is no longer available; see /sdapi/v1/sd-models")
         if self.loaded is None or self.loaded.title != entry.title or self.pipeline is None:
-            self.pipeline, self.preview_map, self.tiny_previews = None, None, False
+            self.pipeline, self.preview_map, self.tiny_decoder = None, None, None
             with self._lock:
                 self.progress.textinfo = f"loading {entry.title}"
             pipeline = sdgen.load(entry.path, device=self.device, dtype=self.dtype)
@@ -223,22 +225,42 @@ class Worker:
                 self.preview_map = fit_preview_map(pipeline.vae, cfg.scaling_factor, cfg.shift_factor or 0.0)
             except Exception:  # previews are a convenience; a model without them still generates
                 self.preview_map = None
-            decoder = self.preview_decoder
-            if (decoder is not None and decoder.cfg.latent_channels == pipeline.vae.cfg.latent_channels
-                    and decoder.upscale == pipeline.latent_factor):  # else another latent space: linear previews
+            decoder = self._fitting_tiny_decoder(entry, pipeline)
+            if decoder is not None:
                 decoder.to(device=pipeline.device, dtype=next(pipeline.vae.parameters()).dtype)
                 if self.fast:
                     accelerate(decoder)
-                self.tiny_previews = True
+                self.tiny_decoder = decoder
             self.pipeline, self.loaded = pipeline, entry
             with self._lock:
                 self.progress.textinfo = None
         return entry
 
+    def _fitting_tiny_decoder(self, entry: CheckpointEntry, pipeline) -> TinyDecoder | None:
+        """The user's preview decoder if it fits the model's latents, else the model folder's own
+        (the embedded model has one), else None: linear previews. A folder's file that cannot be
+        read costs only the better previews."""
+        def fits(decoder: TinyDecoder | None) -> bool:
+            return (decoder is not None and decoder.cfg.latent_channels == pipeline.vae.cfg.latent_channels
+                    and decoder.upscale == pipeline.latent_factor)
+
+        if fits(self.preview_decoder):
+            return self.preview_decoder
+        path = folder_tiny_decoder(entry.path) if entry.path is None or entry.path.is_dir() else None
+        if path is None:
+            return None
+        try:
+            own = load_tiny_decoder(path)
+        except CheckpointError as error:
+            print(f"sdgen: warning: {error}; previews use the linear map", file=sys.stderr, flush=True)
+            return None
+        return own if fits(own) else None
+
     def _on_step(self, image_index: int, step: int, total: int, denoised: torch.Tensor) -> None:
         preview = bool(self.preview_every) and (step % self.preview_every == 0 or step + 1 == total)
         # the tiny decoder runs here, on the worker's own threads, not in a request thread
-        pixels = tiny_preview_pixels(self.preview_decoder, denoised[:1]) if preview and self.tiny_previews else None
+        decoder = self.tiny_decoder
+        pixels = tiny_preview_pixels(decoder, denoised[:1]) if preview and decoder is not None else None
         with self._lock:
             progress = self.progress
             progress.sampling_step, progress.sampling_steps = step + 1, total

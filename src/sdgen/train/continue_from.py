@@ -27,10 +27,12 @@ STAGE_WEIGHTS = {
     "decoder": "vae/diffusion_pytorch_model.safetensors",
     "clip": "clip/model.safetensors",
     "unet": "unet/diffusion_pytorch_model.safetensors",
+    "tiny_decoder": "tiny_decoder.safetensors",
 }
 
 
-# every export has these; the decoder stage is optional (a recipe without [decoder] skips it)
+# every export has these; the decoder stages are optional (a recipe without [decoder] or
+# [tiny_decoder] skips it)
 REQUIRED_STAGES = ("autoencoder", "clip", "unet")
 
 

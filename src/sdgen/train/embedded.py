@@ -11,12 +11,14 @@ import signal
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from sdgen.errors import UserError
 from sdgen.models.clip_config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from sdgen.models.clip import CLIPModel
+from sdgen.models.tiny_decoder import TinyDecoder, TinyDecoderConfig
 from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.models.unet import UNet, UNetConfig
 from sdgen.models.vae import AutoencoderKL, VAEConfig
@@ -28,7 +30,7 @@ from sdgen.train.diffusion_loss import NoiseObjective
 from sdgen.train.loop import StageSettings, train_stage
 from sdgen.train.vocab import build_vocabulary
 
-STAGES = ("autoencoder", "decoder", "clip", "unet", "export")
+STAGES = ("autoencoder", "decoder", "clip", "unet", "tiny_decoder", "export")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Recipe:
     clip: dict
     unet: dict
     decoder: dict | None = None  # optional: fine-tune the autoencoder's decoder alone
+    tiny_decoder: dict | None = None  # optional: distil a preview decoder from the VAE's
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -51,7 +54,8 @@ class Recipe:
         missing = [name for name in ("data", "autoencoder", "clip", "unet") if name not in raw]
         if missing:
             raise UserError(f"{path}: missing section(s) {', '.join(missing)}")
-        return cls(raw["data"], raw["autoencoder"], raw["clip"], raw["unet"], raw.get("decoder"))
+        return cls(raw["data"], raw["autoencoder"], raw["clip"], raw["unet"], raw.get("decoder"),
+                   raw.get("tiny_decoder"))
 
 
 def make_tokenizer(stream: SceneStream) -> CLIPTokenizer:
@@ -95,6 +99,18 @@ def unet_config(recipe: Recipe, text: CLIPTextConfig, vae: VAEConfig) -> UNetCon
         transformer_depth=(1,) * len(channels), cross_attention_dim=text.hidden_size,
         sample_size=recipe.data["size"] // vae.downsample_factor,
     )
+
+
+def tiny_decoder_config(recipe: Recipe) -> TinyDecoderConfig:
+    """One stage per latent doubling plus the last (TAESD's layout), from `[tiny_decoder]`."""
+    section, vae = recipe.tiny_decoder, vae_config(recipe)
+    stages = vae.downsample_factor.bit_length()  # 4x -> 3 stages, 8x -> 4
+    blocks = tuple(section["blocks"])
+    if len(blocks) != stages:
+        raise UserError(f"[tiny_decoder] blocks: {len(blocks)} stages given, the autoencoder's "
+                        f"{vae.downsample_factor}x latents need {stages}")
+    return TinyDecoderConfig(latent_channels=vae.latent_channels, channels=(section["channels"],) * stages,
+                             blocks=blocks)
 
 
 def _settings(name: str, section: dict, steps: int | None, **extra) -> StageSettings:
@@ -169,6 +185,37 @@ def trained_vae(recipe: Recipe, run_dir: Path) -> AutoencoderKL:
     """The autoencoder to ship: with the fine-tuned decoder when the run has one."""
     stage = "decoder" if (run_dir / "decoder" / "checkpoint.pt").is_file() else "autoencoder"
     return _trained(run_dir, stage, AutoencoderKL(vae_config(recipe)))
+
+
+def train_tiny_decoder(recipe: Recipe, run_dir: Path, stream: SceneStream, steps: int | None) -> TinyDecoder | None:
+    """A preview decoder distilled from the shipped VAE (as TAESD was from SD's): it learns to
+    reproduce the VAE's decoded picture from the same U-Net-scale latent."""
+    section = recipe.tiny_decoder
+    if section is None:
+        print("tiny_decoder: the config has no [tiny_decoder] section; no preview decoder is trained", flush=True)
+        return None
+    model = TinyDecoder(tiny_decoder_config(recipe))
+    scaling_factor = LatentCache.recorded_scaling_factor(run_dir / "latents")
+    if scaling_factor is None:
+        raise UserError(f"{run_dir / 'latents'}: no recorded scaling factor; run `sdgen train unet` first")
+    pairs = DecodedLatents.build(run_dir / "tiny_decoder" / "pairs", trained_vae(recipe, run_dir), stream,
+                                 section["pairs"], scaling_factor)
+
+    def loss_fn(batch, step: int):
+        latents, decoded = batch
+        return reconstruction_loss(model(latents), decoded)
+
+    def batch_at(step: int):
+        return pairs.batch(step, section["batch_size"])
+
+    return train_stage(_settings("tiny_decoder", section, steps), run_dir, model, loss_fn, batch_at)
+
+
+def trained_tiny_decoder(recipe: Recipe, run_dir: Path) -> TinyDecoder | None:
+    """The preview decoder to ship, if the recipe has one and the run has trained it."""
+    if recipe.tiny_decoder is None or not (run_dir / "tiny_decoder" / "checkpoint.pt").is_file():
+        return None
+    return _trained(run_dir, "tiny_decoder", TinyDecoder(tiny_decoder_config(recipe)))
 
 
 def train_clip(recipe: Recipe, run_dir: Path, stream: SceneStream, tokenizer: CLIPTokenizer,
@@ -248,27 +295,16 @@ class LatentCache:
 
     @classmethod
     def build(cls, folder: Path, vae: AutoencoderKL, stream: SceneStream, count: int) -> "LatentCache":
-        folder.mkdir(parents=True, exist_ok=True)
-        chunk_size = min(cls.CHUNK, count)
-        part = min(256, chunk_size)
-        latents, captions = [], []
-        for chunk in range((count + chunk_size - 1) // chunk_size):
-            path = folder / f"chunk-{chunk:04d}-{chunk_size}.pt"
-            state = load_checkpoint(path)
-            if state is None:
-                chunk_latents, chunk_captions = [], []
-                for offset in range(0, chunk_size, part):
-                    # Steps from 10**6 on are never used by the other stages' data.
-                    images, part_captions = stream.captioned(10**6 + (chunk * chunk_size + offset) // part, part)
-                    with torch.no_grad():
-                        chunk_latents.append(vae.encode(images).mean.to(torch.float16))
-                    chunk_captions += part_captions
-                state = {"latents": torch.cat(chunk_latents), "captions": chunk_captions}
-                save_checkpoint(path, state)
-            latents.append(state["latents"])
-            captions += state["captions"]
+        def encode(first_step: int, size: int) -> dict:
+            # Steps from 10**6 on are never used by the other stages' data.
+            images, captions = stream.captioned(10**6 + first_step, size)
+            with torch.no_grad():
+                return {"latents": vae.encode(images).mean.to(torch.float16), "captions": captions}
+
+        chunks = cached_chunks(folder, count, cls.CHUNK, encode)
         recorded = cls.recorded_scaling_factor(folder)
-        cache = cls(torch.cat(latents)[:count], captions[:count], recorded)
+        captions = [caption for chunk in chunks for caption in chunk["captions"]]
+        cache = cls(torch.cat([chunk["latents"] for chunk in chunks])[:count], captions[:count], recorded)
         # Recorded once: the U-Net must keep the factor it started with, whatever the cache holds later.
         if recorded is None:
             cls.record_scaling_factor(folder, cache.scaling_factor)
@@ -278,6 +314,54 @@ class LatentCache:
         generator = torch.Generator().manual_seed(step)
         index = torch.randint(0, len(self.captions), (size,), generator=generator)
         return self.latents[index].float(), [self.captions[i] for i in index.tolist()]
+
+
+class DecodedLatents:
+    """(latent, picture) pairs for distilling the tiny decoder: scenes encoded by the VAE (posterior
+    means at U-Net scale) and decoded again, made once in chunk files and then drawn by step."""
+
+    CHUNK = 1024
+
+    def __init__(self, latents: torch.Tensor, pictures: torch.Tensor) -> None:
+        self.latents, self.pictures = latents, pictures
+
+    @classmethod
+    def build(cls, folder: Path, vae: AutoencoderKL, stream: SceneStream, count: int,
+              scaling_factor: float) -> "DecodedLatents":
+        def round_trip(first_step: int, size: int) -> dict:
+            # Steps from 3 * 10**6 on: scenes no other stage trains on.
+            images = stream.images(3 * 10**6 + first_step, size)
+            with torch.no_grad():
+                latents = vae.encode(images).mean
+                pictures = vae.decode(latents).clamp(-1, 1)
+            return {"latents": (latents * scaling_factor).to(torch.float16), "pictures": pictures.to(torch.float16)}
+
+        chunks = cached_chunks(folder, count, cls.CHUNK, round_trip)
+        return cls(torch.cat([c["latents"] for c in chunks])[:count], torch.cat([c["pictures"] for c in chunks])[:count])
+
+    def batch(self, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(step)
+        index = torch.randint(0, len(self.latents), (size,), generator=generator)
+        return self.latents[index].float(), self.pictures[index].float()
+
+
+def cached_chunks(folder: Path, count: int, chunk_size: int, make: Callable[[int, int], dict]) -> list[dict]:
+    """`count` items made by `make(first_step, size)` in parts of up to 256, saved one chunk file
+    each, so that a rebuild after an interruption resumes at the first missing chunk."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chunk_size = min(chunk_size, count)
+    part = min(256, chunk_size)
+    chunks = []
+    for chunk in range((count + chunk_size - 1) // chunk_size):
+        path = folder / f"chunk-{chunk:04d}-{chunk_size}.pt"
+        state = load_checkpoint(path)
+        if state is None:
+            parts = [make((chunk * chunk_size + offset) // part, part) for offset in range(0, chunk_size, part)]
+            state = {key: (torch.cat([p[key] for p in parts]) if isinstance(parts[0][key], torch.Tensor)
+                           else [item for p in parts for item in p[key]]) for key in parts[0]}
+            save_checkpoint(path, state)
+        chunks.append(state)
+    return chunks
 
 
 def export(recipe: Recipe, run_dir: Path, out: Path) -> Path:
@@ -296,7 +380,8 @@ def export(recipe: Recipe, run_dir: Path, out: Path) -> Path:
     steps = {stage: int(load_checkpoint(run_dir / stage / "checkpoint.pt")["step"]) for stage in STAGE_WEIGHTS
              if (run_dir / stage / "checkpoint.pt").is_file()}
     return write_diffusers_folder(out, unet=unet, vae=vae, clip=clip, tokenizer=tokenizer,
-                                  scaling_factor=scaling_factor, training_steps=steps)
+                                  scaling_factor=scaling_factor, training_steps=steps,
+                                  tiny_decoder=trained_tiny_decoder(recipe, run_dir))
 
 
 def continue_from(recipe: Recipe, run_dir: Path, folder: Path, tokenizer: CLIPTokenizer) -> None:
@@ -305,7 +390,10 @@ def continue_from(recipe: Recipe, run_dir: Path, folder: Path, tokenizer: CLIPTo
     clip = CLIPModel(clip_config(recipe, tokenizer))
     unet = UNet(unet_config(recipe, clip.config.text, vae.cfg))
     decoder = AutoencoderKL(vae_config(recipe))
-    seeded = seed_run(run_dir, folder, {"autoencoder": vae, "decoder": decoder, "clip": clip, "unet": unet})
+    models = {"autoencoder": vae, "decoder": decoder, "clip": clip, "unet": unet}
+    if recipe.tiny_decoder is not None:
+        models["tiny_decoder"] = TinyDecoder(tiny_decoder_config(recipe))
+    seeded = seed_run(run_dir, folder, models)
     if "autoencoder" in seeded and LatentCache.recorded_scaling_factor(run_dir / "latents") is None:
         # the folder's U-Net was trained with the factor in its VAE config: keep it
         factor = json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"]
@@ -345,5 +433,7 @@ def run_training(stage: str, *, config_path: str, run_dir: str, threads: int | N
             train_clip(recipe, run, stream, tokenizer, steps)
         elif name == "unet":
             train_unet(recipe, run, stream, tokenizer, steps)
+        elif name == "tiny_decoder":
+            train_tiny_decoder(recipe, run, stream, steps)
         elif name == "export":
             print(export(recipe, run, Path(out) if out else embedded_model_path()))

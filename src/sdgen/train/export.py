@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdgen.models.clip import CLIPModel
+from sdgen.models.tiny_decoder import FOLDER_FILE, TinyDecoder
 from sdgen.models.tokenizer import CLIPTokenizer
 from sdgen.models.unet import UNet
 from sdgen.models.vae import AutoencoderKL
@@ -25,10 +26,13 @@ def _save_weights(path: Path, module: torch.nn.Module, keep=lambda key: True, dt
 
 def write_diffusers_folder(out: Path, *, unet: UNet, vae: AutoencoderKL, clip: CLIPModel,
                            tokenizer: CLIPTokenizer, scaling_factor: float,
-                           training_steps: dict[str, int] | None = None) -> Path:
+                           training_steps: dict[str, int] | None = None,
+                           tiny_decoder: TinyDecoder | None = None) -> Path:
     """Write model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ and clip/
     (the whole small CLIP, for ranking) into `out`, replacing it only once complete; with
-    `training_steps`, also training.json, from which `sdgen train --init-from` continues."""
+    `training_steps`, also training.json, from which `sdgen train --init-from` continues; with
+    `tiny_decoder`, its preview decoder as tiny_decoder.safetensors (an sdgen extra that
+    diffusers' loader ignores)."""
     out = Path(out)
     with folder_written_atomically(out) as staging:
         write_json(staging / "model_index.json", {
@@ -69,6 +73,8 @@ def write_diffusers_folder(out: Path, *, unet: UNet, vae: AutoencoderKL, clip: C
             "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
         })
+        if tiny_decoder is not None:
+            _save_weights(staging / FOLDER_FILE, tiny_decoder)
         if training_steps:
             write_training_record(staging, training_steps)
     return out
