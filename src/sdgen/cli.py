@@ -47,6 +47,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--token-merging", type=_token_merging_ratio, default=0.0, metavar="RATIO",
                        help="implies --fast: merge this share of similar tokens before self-attention at the "
                             "top level (ToMe; 0.5 is usual); faster at 512x512 and up, images change")
+    group.add_argument("--int8", action="store_true",
+                       help="implies --fast: the U-Net's wide convolutions and linear layers as int8 products "
+                            "(CPUs with AVX-512 VNNI); faster, images change")
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:

@@ -46,10 +46,11 @@ def configure(pipeline, args: argparse.Namespace):
     if getattr(args, "lora_dir", None):
         pipeline.lora_dir = Path(args.lora_dir)
     step_cache, token_merging = getattr(args, "step_cache", 0), getattr(args, "token_merging", 0.0)
-    if getattr(args, "fast", False) or step_cache or token_merging:
+    int8 = getattr(args, "int8", False)
+    if getattr(args, "fast", False) or step_cache or token_merging or int8:
         from sdgen.runtime.fast import FastOptions, accelerate_pipeline
 
-        accelerate_pipeline(pipeline, FastOptions(step_cache=step_cache, token_merging=token_merging))
+        accelerate_pipeline(pipeline, FastOptions(step_cache=step_cache, token_merging=token_merging, int8=int8))
     return pipeline
 
 
@@ -245,7 +246,7 @@ def run_upscale(args: argparse.Namespace) -> int:
 def run_replay(args: argparse.Namespace) -> int:
     """sdgen replay IMAGE: the same request again, saved as a new file."""
     from sdgen.pipelines.image_files import read_infotext
-    from sdgen.pipelines.replay import replay, replay_request, step_cache_of, token_merging_of
+    from sdgen.pipelines.replay import int8_of, replay, replay_request, step_cache_of, token_merging_of
 
     text = read_infotext(args.image)
     if not text:
@@ -253,9 +254,10 @@ def run_replay(args: argparse.Namespace) -> int:
     init = _load_input(args.init) if args.init else None
     mask = _load_input(args.mask) if args.mask else None
     replay_request(text, init_image=init, mask=mask)  # fails fast, before the model loads
-    # step caching and token merging change the image: the same again
+    # step caching, token merging and int8 change the image: the same again
     args.step_cache = args.step_cache or step_cache_of(text)
     args.token_merging = args.token_merging or token_merging_of(text)
+    args.int8 = args.int8 or int8_of(text)
     pipeline = _load_pipeline(args)
     save_result(replay(pipeline, text, init_image=init, mask=mask, progress=True), args)
     return 0

@@ -52,6 +52,11 @@ def token_merging_of(text: str) -> float:
         raise ReplayError(f"the infotext's {error}") from None
 
 
+def int8_of(text: str) -> bool:
+    """Whether an image was made on the int8 path (`Int8: True`)."""
+    return parse_infotext(text).get("Int8", "").strip().lower() == "true"
+
+
 def request_fields(text: str) -> dict:
     """GenerationRequest / Img2ImgRequest fields from an infotext (A1111's keys, as sdgen writes them)."""
     params = parse_infotext(text)

@@ -34,7 +34,7 @@ from sdgen.pipelines.tiling import tiled_vae_decode, tiled_vae_encode
 from sdgen.prompting.encode import PromptEncoder
 from sdgen.prompting.parse import extract_extra_networks
 from sdgen.provenance import finish_images, preflight
-from sdgen.runtime.fast import token_merging_ratio
+from sdgen.runtime.fast import token_merging_ratio, uses_int8
 
 # callback(image_index, step, total_steps, denoised_latents); raise Interrupted to stop.
 StepCallback = Callable[[int, int, int, torch.Tensor], None]
@@ -382,6 +382,7 @@ class StableDiffusion:
             "RNG": "CPU",
             "Step cache": self.unet.step_cache.interval if getattr(self.unet, "step_cache", None) else None,
             "Token merging ratio": token_merging_ratio(self.unet) or None,
+            "Int8": True if uses_int8(self.unet) else None,
             **(extra or {}),
             "Lora hashes": lora_hashes(self, request.prompt),
             "Version": f"sdgen {sdgen.__version__}",

@@ -31,19 +31,23 @@ What each switch does, and why it is faster on a CPU (measured in bench/RESULTS.
 These change rounding only: results stay within the bf16 tolerance of the fp32 model
 (tests/test_fast_paths.py, tests/test_kernels.py).
 - `step_cache` (0 = off): DeepCache's feature reuse across sampling steps (step_cache.py). Unlike
-  the others it changes the images, by a measured amount, so it is never on by default.
+  the others it changes the images, by a measured amount, so it is never on by default; so do
+  `token_merging` (token_merging.py) and `int8` (int8.py: the U-Net's wide convolutions and
+  linear layers as int8 products on VNNI, about twice bf16's speed per product).
 """
 
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from sdgen.errors import UserError
 from sdgen.models.layers import GEGLU, Attention, SelfAttention2d, SpatialTransformer, Upsample, is_channels_last
 from sdgen.models.unet import UNetConfig
+from sdgen.runtime.int8 import MIN_ROWS, int8_eligible, int8_supported, quantize_activations, quantize_weight
 from sdgen.runtime.mapped import file_mappings, release_file_pages
 from sdgen.runtime.step_cache import StepCache
 from sdgen.runtime.token_merging import check_ratio
@@ -61,6 +65,8 @@ class FastOptions:
     upsample_phases: bool = True  # nearest 2x + 3x3 convolution as four 2x2 convolutions of the small input
     step_cache: int = 0  # run the whole U-Net every this many steps, the shallow levels in between
     token_merging: float = 0.0  # share of the top attention level's tokens merged (ToMe; 0.5 is usual)
+    int8: bool = False  # wide convolutions and linear layers in int8 on VNNI (int8.py; the U-Net's only in
+                        # accelerate_pipeline); images change
 
 
 def accelerate(module: nn.Module, options: FastOptions = FastOptions()) -> nn.Module:
@@ -77,6 +83,13 @@ def accelerate(module: nn.Module, options: FastOptions = FastOptions()) -> nn.Mo
         for child in module.modules():
             if _packable(child):
                 child.forward = types.MethodType(_packed_forward, child)
+    if options.int8:
+        if not int8_supported():
+            raise UserError("int8 needs a CPU with AVX-512 VNNI (or AMX) and PyTorch's oneDNN int8 operations; "
+                            "run without it")
+        for child in module.modules():
+            if int8_eligible(child):
+                child.forward = types.MethodType(_int8_forward, child)
     if options.upsample_phases:
         for child in module.modules():
             if isinstance(child, Upsample):
@@ -100,6 +113,11 @@ def _top_attention_level(module: nn.Module) -> list[SpatialTransformer]:
     level = list(cfg.attention).index(True)
     stages = (module.down_blocks[level], module.up_blocks[cfg.levels - 1 - level])
     return [t for stage in stages for t in (stage.attentions or []) if isinstance(t, SpatialTransformer)]
+
+
+def uses_int8(module: nn.Module) -> bool:
+    """Whether a U-Net runs any layer on the int8 path."""
+    return any(getattr(child.__dict__.get("forward"), "__func__", None) is _int8_forward for child in module.modules())
 
 
 def token_merging_ratio(module: nn.Module) -> float:
@@ -153,6 +171,41 @@ def _packed_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+def _int8_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Conv2d / Linear forward through oneDNN's int8 product (int8.py), the weight quantized and
+    packed at the first call (and again whenever it changed); the bf16 packed path where int8
+    does not apply (training, another device, too few rows)."""
+    weight = layer.weight
+    rows = x.numel() // (x.shape[1] if isinstance(layer, nn.Conv2d) else x.shape[-1])
+    quantized = None
+    if not (x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or rows < MIN_ROWS
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        quantized = quantize_activations(x)
+    if quantized is None:  # or inf / NaN in x: they propagate as without int8
+        return _packed_forward(layer, x) if _packable(layer) else type(layer).forward(layer, x)
+    cached = layer.__dict__.get("_int8")
+    if cached is None or cached[0] is not weight or cached[1] != _version(weight):
+        q, scale = quantize_weight(weight)
+        if isinstance(layer, nn.Conv2d):
+            # the activation scale given here is a placeholder: each call passes its own
+            packed = torch.ops.onednn.qconv_prepack(q, scale, 1.0, 0, list(layer.stride), list(layer.padding),
+                                                    list(layer.dilation), layer.groups, None)
+        else:
+            packed = torch.ops.onednn.qlinear_prepack(q, None)
+        zero_points = torch.zeros(scale.numel(), dtype=torch.int64)
+        bias = None if layer.bias is None else layer.bias.detach().float()
+        cached = layer.__dict__["_int8"] = (weight, _version(weight), packed, scale, zero_points, bias)
+    _, _, packed, scale, zero_points, bias = cached
+    q, x_scale, x_zero_point = quantized
+    if isinstance(layer, nn.Conv2d):
+        return torch.ops.onednn.qconv2d_pointwise(
+            q, x_scale, x_zero_point, packed, scale, zero_points, bias, list(layer.stride), list(layer.padding),
+            list(layer.dilation), layer.groups, 1.0, 0, x.dtype, "none", [], None)
+    out = torch.ops.onednn.qlinear_pointwise(q.reshape(-1, x.shape[-1]), x_scale, x_zero_point, packed, scale,
+                                             zero_points, bias, 1.0, 0, x.dtype, "none", [], "")
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 # Which 3x3 kernel rows (or columns) land on each of the two input rows a 2x2 phase kernel reads:
 # output row 2i reads input rows i-1 (kernel row 0) and i (rows 1 and 2); output row 2i+1 reads
 # rows i (kernel rows 0 and 1) and i+1 (row 2).
@@ -185,8 +238,8 @@ def _upsample_by_phases(upsample: Upsample, x: torch.Tensor, size: tuple[int, in
         phase_conv.weight.copy_(phase_kernels(conv.weight.detach()))
         if bias is not None:
             phase_conv.bias.copy_(bias)
-        if "forward" in conv.__dict__:  # the layer it stands for was prepacked: so is this one
-            phase_conv.forward = types.MethodType(_packed_forward, phase_conv)
+        if "forward" in conv.__dict__:  # the layer it stands for was prepacked (or int8): so is this one
+            phase_conv.forward = types.MethodType(conv.__dict__["forward"].__func__, phase_conv)
         phases = upsample.__dict__["_phases"] = (conv.weight, _version(conv.weight), phase_conv)
     batch, _, height, width = x.shape
     channels = conv.out_channels
@@ -212,10 +265,11 @@ def _channels_last_kernels(module: nn.Module) -> None:
 
 
 def accelerate_pipeline(pipe, options: FastOptions = FastOptions()):
-    """`accelerate` the U-Net and the VAE of a StableDiffusion pipeline; the text encoder is too small to matter."""
+    """`accelerate` the U-Net and the VAE of a StableDiffusion pipeline; the text encoder is too small to matter.
+    int8 goes to the U-Net only: the VAE's error would land on the pixels directly."""
     if pipe.device.type == "cpu":
         accelerate(pipe.unet, options)
-        accelerate(pipe.vae, options)
+        accelerate(pipe.vae, replace(options, int8=False))
     return pipe
 
 
@@ -234,6 +288,7 @@ def restore(module: nn.Module) -> nn.Module:
         child.__dict__.pop("forward", None)  # the class's own forward again
         child.__dict__.pop("_packed", None)
         child.__dict__.pop("_phases", None)
+        child.__dict__.pop("_int8", None)
     upcast = bool(getattr(getattr(module, "cfg", None), "upcast_attention", False))
     for child in module.modules():
         if isinstance(child, Attention):

@@ -1,6 +1,6 @@
 """Compiled CPU kernels for bf16 on AVX-512 BF16, built once per machine: attention
-(attention.cpp), the transformer feed-forward's GEGLU (geglu.cpp) and GroupNorm + SiLU
-(group_norm.cpp).
+(attention.cpp), the transformer feed-forward's GEGLU (geglu.cpp), GroupNorm + SiLU
+(group_norm.cpp) and the int8 path's activation quantization (quantize.cpp).
 
 They are compiled with PyTorch's extension builder on first use (or by `python -m
 sdgen.runtime.kernels`, which `make setup` runs) into a cache folder keyed by the sources, flags,
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 FOLDER = Path(__file__).parent
-SOURCES = [FOLDER / "attention.cpp", FOLDER / "geglu.cpp", FOLDER / "group_norm.cpp"]
+SOURCES = [FOLDER / "attention.cpp", FOLDER / "geglu.cpp", FOLDER / "group_norm.cpp", FOLDER / "quantize.cpp"]
 HEADERS = [FOLDER / "vector_math.h"]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 # -fopenmp: at::parallel_for is an OpenMP pragma in the headers (torch links the runtime itself)
@@ -86,6 +86,11 @@ def geglu_kernel():
 def group_norm_kernel():
     """`torch.ops.sdgen_kernels.group_norm` (optionally + SiLU), building the library if needed, or None."""
     return torch.ops.sdgen_kernels.group_norm if _library_loaded() else None
+
+
+def quantize_kernel():
+    """`torch.ops.sdgen_kernels.quantize_u8`, building the library if needed, or None if unavailable."""
+    return torch.ops.sdgen_kernels.quantize_u8 if _library_loaded() else None
 
 
 @contextlib.contextmanager
