@@ -37,6 +37,7 @@ from sdgen.models.tiny_decoder import TinyDecoder  # noqa: E402
 from sdgen.runtime import kernels  # noqa: E402
 from sdgen.runtime.allocator import keep_freed_memory  # noqa: E402
 from sdgen.runtime.fast import FastOptions, accelerate, accelerate_pipeline  # noqa: E402
+from sdgen.runtime.int8 import int8_supported  # noqa: E402
 
 PROMPT, NEGATIVE, CFG = "a tranquil lake with the mountains at sunset", "", 7.5
 STEP_CACHE = 3  # DeepCache interval of the "step cache" variant: the whole U-Net every third step
@@ -85,6 +86,18 @@ def without_kernels(call):
     return run
 
 
+def with_unet_options(pipe, options: FastOptions, call):
+    """`call` with the pipeline's U-Net switched to `options`, then back to the default fast paths
+    (one pipeline serves every variant: a second prepacked copy would double the memory)."""
+    def run():
+        accelerate(pipe.unet, options)
+        try:
+            return call()
+        finally:
+            accelerate(pipe.unet)
+    return run
+
+
 def bench_dtype(args, spec, folder: Path, dtype_name: str, report: Report, fp32_images: dict) -> None:
     """Every in-process comparison for one dtype: U-Net step, text encoding, VAE decode, txt2img."""
     dtype = DTYPES[dtype_name]
@@ -107,6 +120,9 @@ def bench_dtype(args, spec, folder: Path, dtype_name: str, report: Report, fp32_
                 systems[f"sdgen {dtype_name} fast"] = lambda: fast.unet(x, t, context)
             if dtype_name == "bf16" and kernels.attention_kernel() is not None:
                 systems[WITHOUT_KERNELS] = without_kernels(lambda: fast.unet(x, t, context))
+            if dtype_name == "bf16" and int8_supported():  # beyond the peers: changes the images
+                systems["sdgen bf16 fast int8"] = with_unet_options(fast, FastOptions(int8=True),
+                                                                    lambda: fast.unet(x, t, context))
             if args.peers and "openvino" in args.peers:
                 for precision in (["bf16"] if dtype_name == "bf16" else ["f32"]):
                     converted = peers.openvino_unet(ref.unet, (x, t, context), precision)
@@ -208,6 +224,9 @@ def bench_fastest(args, spec, folder: Path, report: Report) -> None:
             ours_x, ours_context = x.to(ours_dtype), context.to(ours_dtype)
             systems = {"diffusers bf16": lambda: ref.unet(x, t, context).sample,
                        system: lambda: fast.unet(ours_x, t, ours_context)}
+            if int8_supported():
+                systems[f"{system} + int8"] = with_unet_options(fast, FastOptions(int8=True),
+                                                                lambda: fast.unet(ours_x, t, ours_context))
             if args.peers and "openvino" in args.peers:
                 converted = peers.openvino_unet(ref.unet, (x, t, context), "bf16")
                 if converted:
@@ -229,15 +248,10 @@ def bench_fastest(args, spec, folder: Path, report: Report) -> None:
         report.add(timings, group)
 
     for size in ([] if "txt2img" in args.skip else args.txt2img_sizes[-1:]):
-        def run_sdgen(step_cache: int = 0, token_merging: float = 0.0):
-            def generate():
-                accelerate(fast.unet, FastOptions(step_cache=step_cache, token_merging=token_merging))
-                try:
-                    return fast.generate(prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps, sampler="Euler",
-                                         cfg_scale=CFG, width=size, height=size, seed=0).images[0]
-                finally:
-                    accelerate(fast.unet)
-            return generate
+        def run_sdgen(**options):
+            return with_unet_options(fast, FastOptions(**options), lambda: fast.generate(
+                prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps, sampler="Euler", cfg_scale=CFG,
+                width=size, height=size, seed=0).images[0])
 
         cached, merged = f"{system} + step cache {STEP_CACHE}", f"{system} + token merging {TOKEN_MERGING}"
         both = f"{system} + step cache {STEP_CACHE} + token merging {TOKEN_MERGING}"
@@ -247,12 +261,18 @@ def bench_fastest(args, spec, folder: Path, report: Report) -> None:
                    system: run_sdgen(), cached: run_sdgen(step_cache=STEP_CACHE),
                    merged: run_sdgen(token_merging=TOKEN_MERGING),
                    both: run_sdgen(step_cache=STEP_CACHE, token_merging=TOKEN_MERGING)}
+        variants = [cached, merged, both]
+        if int8_supported():
+            quantized, quantized_cached = f"{system} + int8", f"{system} + int8 + step cache {STEP_CACHE}"
+            systems[quantized] = run_sdgen(int8=True)
+            systems[quantized_cached] = run_sdgen(int8=True, step_cache=STEP_CACHE)
+            variants += [quantized, quantized_cached]
         log(f"fastest txt2img {size}")
         timings = interleaved(f"txt2img {size}x{size}, {args.steps} Euler steps, CFG (text + U-Net + decode)",
                               systems, max(1, args.rounds - 1), warmup=0)
         report.add(timings, group)
         images = {name: _pixels(image) for name, image in timings.outputs.items()}
-        for name in (cached, merged, both, "diffusers bf16"):
+        for name in (*variants, "diffusers bf16"):
             report.quality(f"txt2img {size}: {name} vs {system}", *image_quality(images[name], images[system]))
     del ref, fast
 

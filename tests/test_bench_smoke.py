@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from sdgen.runtime import kernels
+from sdgen.runtime.int8 import int8_supported
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
@@ -62,3 +63,6 @@ def test_bench_smoke_mode_writes_every_section(tmp_path: Path) -> None:
     assert f"| txt2img 64: sdgen {ours} fast + step cache 3 vs sdgen {ours} fast |" in text
     assert f"| txt2img 64: sdgen {ours} fast + token merging 0.5 vs sdgen {ours} fast |" in text
     assert f"| txt2img 64: sdgen {ours} fast + step cache 3 + token merging 0.5 vs sdgen {ours} fast |" in text
+    if int8_supported():
+        assert f"| txt2img 64: sdgen {ours} fast + int8 + step cache 3 vs sdgen {ours} fast |" in text
+        assert "| U-Net step 64x64, batch 2 | bf16 | sdgen bf16 fast int8 |" in text
