@@ -21,6 +21,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -56,7 +57,7 @@ class SdcppRun:
     seconds: dict[str, float]
     wall_s: float
     rss_loaded_gib: float | None  # VmRSS when the log says the weights are loaded
-    peak_gib: float  # the child's ru_maxrss
+    peak_gib: float  # sd-cli's ru_maxrss, reported by the small process that started it
     command: list[str] = field(default_factory=list)
 
 
@@ -192,29 +193,51 @@ def _rss_gib(pid: int) -> float | None:
     return None
 
 
+# sd-cli is started by a small Python process that reports its pid and, once it ends, its peak
+# resident memory. Started from the benchmark directly, its ru_maxrss would be the benchmark's:
+# Linux keeps a process's resident high-water mark across exec, and a child forked from a 16 GiB
+# process starts with 16 GiB resident (every sd.cpp run once read 16.63 GiB that way; sd-cli alone
+# peaks at 2.3 GiB at 512x512).
+_STARTER = """import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:])
+print(f"{PID} {child.pid}", flush=True)
+_, status, usage = os.wait4(child.pid, 0)
+print(f"{PEAK} {usage.ru_maxrss}", flush=True)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+_PID, _PEAK = "sdgen-bench: sd-cli pid", "sdgen-bench: sd-cli peak KiB"
+
+
 def run(cmd: list[str], timeout: float = 3600.0) -> SdcppRun:
-    """Run sd-cli once, reading its log as it comes (RSS sampled when loading ends); peak RSS from wait4."""
+    """Run sd-cli once, reading its log as it comes (RSS sampled when loading ends); peak RSS from
+    wait4 in the process that started it."""
     start = time.perf_counter()
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-    watchdog = threading.Timer(timeout, process.kill)
+    starter = _STARTER.replace("{PID}", _PID).replace("{PEAK}", _PEAK)
+    process = subprocess.Popen([sys.executable, "-c", starter, *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, errors="replace", start_new_session=True)
+    watchdog = threading.Timer(timeout, lambda: os.killpg(process.pid, signal.SIGKILL))
     watchdog.start()
-    lines, rss_loaded = [], None
+    lines, rss_loaded, child, peak_kib = [], None, None, None
     try:
         for line in process.stdout:  # '\r' progress updates arrive as lines too (universal newlines)
-            lines.append(line)
-            if rss_loaded is None and "loading tensors completed" in line:
-                rss_loaded = _rss_gib(process.pid)
-        _, status, usage = os.wait4(process.pid, 0)
+            if line.startswith(_PID):
+                child = int(line.split()[-1])
+            elif line.startswith(_PEAK):
+                peak_kib = int(line.split()[-1])
+            else:
+                lines.append(line)
+            if rss_loaded is None and child is not None and "loading tensors completed" in line:
+                rss_loaded = _rss_gib(child)
+        process.wait()
     finally:
         watchdog.cancel()
         process.stdout.close()
-    process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     text = "".join(lines)
-    if process.returncode != 0:
+    if process.returncode != 0 or peak_kib is None:
         raise SdcppError(f"sd-cli exited with {process.returncode}"
                          f"{' (killed after the timeout)' if wall >= timeout else ''}: {parse_error(text)}")
-    return SdcppRun(parse_log(text), wall, rss_loaded, usage.ru_maxrss / 2**20, cmd)
+    return SdcppRun(parse_log(text), wall, rss_loaded, peak_kib / 2**20, cmd)
 
 
 def parse_error(text: str) -> str:

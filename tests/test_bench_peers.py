@@ -91,6 +91,18 @@ def test_measure_subtracts_the_one_step_run(fake_cli: Path, tmp_path: Path) -> N
     assert (tmp_path / "sdcpp-f32-64-4.png.args.json").is_file()  # the command reached the binary
 
 
+def test_peak_memory_is_sd_clis_own_not_the_benchmarks(fake_cli: Path, tmp_path: Path) -> None:
+    """The benchmark process is large when it starts sd-cli; Linux would carry its resident peak
+    into a child it forks directly. The fake CLI holds 64 MiB; this process holds 1 GiB more."""
+    ballast = bytearray(1 << 30)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page: resident, not just reserved
+    result = sdcpp.run(sdcpp.command(fake_cli, tmp_path / "m", tmp_path / "o.png", weight_type="f16", steps=2,
+                                     size=64, threads=1))
+    assert 0.06 < result.peak_gib < 0.5, result.peak_gib
+    assert result.rss_loaded_gib is not None and result.rss_loaded_gib < 0.5
+    del ballast
+
+
 def test_a_failing_run_reports_its_error_line(fake_cli: Path, tmp_path: Path) -> None:
     with pytest.raises(sdcpp.SdcppError, match=r"exited with 1: \[ERROR\].*wrong shape"):
         sdcpp.measure(fake_cli, tmp_path / "m", "q8_0", size=64, steps=2, threads=1, workdir=tmp_path,
