@@ -58,3 +58,51 @@ def test_cli_eval_refuses_a_file_outside_the_grammar_in_one_line(model, tmp_path
     error = capsys.readouterr().err.strip()
     assert "none is in the scene grammar" in error and "\n" not in error and "Traceback" not in error
     assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_tiny_decoder_quality_scores_a_decoder_against_the_vae(model):
+    """A stand-in that is the VAE itself scores as identical; a random tiny decoder scores low."""
+    import sdgen
+    from sdgen.models.tiny_decoder import TinyDecoder, TinyDecoderConfig
+    from sdgen.train.evaluate import tiny_decoder_quality
+
+    pipe = sdgen.load(model)
+
+    class SameAsTheVAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, latents):
+            return pipe.decode(latents, tiled=False)
+
+    side = pipe.native_size // pipe.latent_factor
+    latents = [torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    perfect = tiny_decoder_quality(pipe, SameAsTheVAE(), latents[:1], latents[1:], scenes=8)
+    assert min(perfect[key] for key in ("scenes_psnr_db", "final_psnr_db", "preview_psnr_db")) > 100
+    assert 0 < perfect["time_ratio"] < 10
+    blocks = (1,) * (pipe.latent_factor.bit_length())
+    random = tiny_decoder_quality(pipe, TinyDecoder(TinyDecoderConfig(channels=(8,) * len(blocks), blocks=blocks)),
+                                  latents[:1], latents[1:], scenes=8)
+    assert max(random[key] for key in ("scenes_psnr_db", "final_psnr_db", "preview_psnr_db")) < 25
+
+
+def test_eval_scores_the_models_own_tiny_decoder(model, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    import sdgen
+    from sdgen.models.tiny_decoder import FOLDER_FILE, TinyDecoder, TinyDecoderConfig
+
+    folder = tmp_path / "model"
+    shutil.copytree(model, folder)
+    blocks = (1,) * sdgen.load(folder).latent_factor.bit_length()
+    save_file(TinyDecoder(TinyDecoderConfig(channels=(8,) * len(blocks), blocks=blocks)).state_dict(),
+              str(folder / FOLDER_FILE))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle above a blue square on a white background\n")
+    report = evaluate(str(folder), str(prompts), steps=4, out=tmp_path / "out", progress=False)
+    assert set(report.tiny_decoder) == {"scenes_psnr_db", "final_psnr_db", "preview_psnr_db", "time_ratio"}
+    assert any("tiny preview decoder against the VAE" in line for line in report.lines())
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["tiny_decoder"] == report.tiny_decoder

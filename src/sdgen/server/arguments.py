@@ -39,8 +39,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-mb", type=float, default=32.0, help="request body cap (413 above it)")
     parser.add_argument("--preview-every", type=int, default=3, help="live preview every N steps (0: none)")
     parser.add_argument("--preview-decoder", default=None, metavar="PATH",
-                        help="previews through a tiny decoder (a TAESD decoder file or AutoencoderTiny folder for "
-                             "the model's latent space) instead of the cheap linear map")
+                        help="previews through this tiny decoder (a TAESD decoder file or AutoencoderTiny folder for "
+                             "the model's latent space) instead of the model folder's own (the embedded model "
+                             "ships one) or the cheap linear map")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

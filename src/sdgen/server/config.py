@@ -34,7 +34,8 @@ class ServerConfig:
     max_queue: int = 32
     max_body_bytes: int = 32 * 1024 * 1024
     preview_every: int = 3
-    preview_decoder: Path | None = None  # a tiny (TAESD) decoder for previews; None: the linear "Approx cheap" map
+    preview_decoder: Path | None = None  # a tiny (TAESD) decoder for previews; None: the model folder's own, if
+                                         # it has one (the embedded model does), else the linear "Approx cheap" map
     device: str = "auto"
     dtype: str = "fp32"
     fast: bool = False  # the CPU fast paths of sdgen.runtime.fast (rounding changes only)

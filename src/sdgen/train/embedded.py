@@ -295,9 +295,9 @@ class LatentCache:
 
     @classmethod
     def build(cls, folder: Path, vae: AutoencoderKL, stream: SceneStream, count: int) -> "LatentCache":
-        def encode(first_step: int, size: int) -> dict:
+        def encode(step: int, size: int) -> dict:
             # Steps from 10**6 on are never used by the other stages' data.
-            images, captions = stream.captioned(10**6 + first_step, size)
+            images, captions = stream.captioned(10**6 + step, size)
             with torch.no_grad():
                 return {"latents": vae.encode(images).mean.to(torch.float16), "captions": captions}
 
@@ -328,9 +328,9 @@ class DecodedLatents:
     @classmethod
     def build(cls, folder: Path, vae: AutoencoderKL, stream: SceneStream, count: int,
               scaling_factor: float) -> "DecodedLatents":
-        def round_trip(first_step: int, size: int) -> dict:
+        def round_trip(step: int, size: int) -> dict:
             # Steps from 3 * 10**6 on: scenes no other stage trains on.
-            images = stream.images(3 * 10**6 + first_step, size)
+            images = stream.images(3 * 10**6 + step, size)
             with torch.no_grad():
                 latents = vae.encode(images).mean
                 pictures = vae.decode(latents).clamp(-1, 1)
@@ -346,8 +346,9 @@ class DecodedLatents:
 
 
 def cached_chunks(folder: Path, count: int, chunk_size: int, make: Callable[[int, int], dict]) -> list[dict]:
-    """`count` items made by `make(first_step, size)` in parts of up to 256, saved one chunk file
-    each, so that a rebuild after an interruption resumes at the first missing chunk."""
+    """`count` items made in parts of up to 256 by `make(step, size)` (the stream's batch `step` of
+    `size` items), one file per chunk, so that a rebuild after an interruption resumes at the first
+    missing chunk."""
     folder.mkdir(parents=True, exist_ok=True)
     chunk_size = min(chunk_size, count)
     part = min(256, chunk_size)

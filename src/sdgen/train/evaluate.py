@@ -108,9 +108,12 @@ def tiny_decoder_quality(pipe, decoder, final: list[torch.Tensor], previews: lis
         with torch.inference_mode():
             latents = pipe.vae.encode(images.to(pipe.device, vae_dtype)).mean
         scene_values += compare((latents - (cfg.shift_factor or 0.0)) * cfg.scaling_factor)
-    return {"scenes_psnr_db": float(np.mean(scene_values)),
-            "final_psnr_db": float(np.mean([v for latent in final for v in compare(latent)])),
-            "preview_psnr_db": float(np.mean([v for latent in previews for v in compare(latent)])),
+    def mean(values: list[float]) -> float:  # NaN when there were none (runs under 3 steps have no previews)
+        return float(np.mean(values)) if values else math.nan
+
+    return {"scenes_psnr_db": mean(scene_values),
+            "final_psnr_db": mean([v for latent in final for v in compare(latent)]),
+            "preview_psnr_db": mean([v for latent in previews for v in compare(latent)]),
             "time_ratio": times["tiny"] / times["vae"]}
 
 
