@@ -83,6 +83,36 @@ def cfg_steps_plot(pipe) -> Image.Image:
     return plot
 
 
+def previews(pipe) -> tuple[list[Image.Image], list[str]]:
+    """What a live preview shows at a few steps of one generation: the full VAE decode of that step's
+    denoised latent, the model's tiny preview decoder, and the linear map (latent size, enlarged)."""
+    import torch
+
+    from sdgen.models.tiny_decoder import folder_tiny_decoder, load_tiny_decoder
+    from sdgen.pipelines.images import to_pil
+    from sdgen.server.previews import fit_preview_map, preview_image
+
+    decoder = load_tiny_decoder(folder_tiny_decoder(None))
+    weights = fit_preview_map(pipe.vae, pipe.vae.cfg.scaling_factor)
+    shown, steps = {}, (1, 4, 7, 10, 19)
+
+    def keep(image_index: int, step: int, total: int, denoised: torch.Tensor) -> None:
+        if step in steps:
+            shown[step] = denoised[:1].detach().clone()
+
+    pipe.generate(prompt="a tranquil lake with the mountains at sunset", seed=5, callback=keep, **SETTINGS)
+    rows = {"VAE": [], "tiny decoder": [], "linear map": []}
+    side = pipe.native_size
+    with torch.inference_mode():
+        for step in steps:
+            rows["VAE"].append(to_pil(pipe.decode(shown[step], tiled=False))[0])
+            rows["tiny decoder"].append(to_pil(decoder(shown[step]))[0])
+            rows["linear map"].append(preview_image(shown[step][0], weights, (side, side)))
+    images = [image for row in rows.values() for image in row]
+    captions = [f"step {step + 1}: {name}" for name in rows for step in steps]
+    return images, captions
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model path (default: the embedded model)")
@@ -99,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     contact_sheet(images, captions, columns=4).save(out / "examples-editing.png")
     plot = cfg_steps_plot(pipe)
     plot.resize((plot.width * 2, plot.height * 2), Image.Resampling.NEAREST).save(out / "examples-xy.png")
-    for name in ("examples-txt2img.png", "examples-editing.png", "examples-xy.png"):
+    images, captions = previews(pipe)
+    contact_sheet(images, captions, columns=5).save(out / "examples-previews.png")
+    for name in ("examples-txt2img.png", "examples-editing.png", "examples-xy.png", "examples-previews.png"):
         print(out / name)
     return 0
 
