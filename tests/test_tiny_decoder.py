@@ -126,6 +126,7 @@ def test_server_previews_go_through_the_tiny_decoder(tmp_path, monkeypatch, upsc
     monkeypatch.setattr(worker, "_on_step", recording)
     with TestClient(app, base_url="http://127.0.0.1") as client:
         assert client.get("/sdapi/v1/options").json()["show_progress_type"] == "TAESD"
+        assert worker.preview_png() is None  # a watcher (nothing to show yet): previews get decoded
         response = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 4, "width": 64,
                                                           "height": 64, "seed": 1})
         assert response.status_code == 200, response.text
@@ -139,6 +140,37 @@ def test_server_previews_go_through_the_tiny_decoder(tmp_path, monkeypatch, upsc
             continue
         assert image.size == (64, 64)
         assert (np.asarray(image) == tiny_preview_pixels(worker.preview_decoder, latents)).all()
+
+
+@pytest.mark.parametrize("watched", [True, False], ids=["watched", "unwatched"])
+def test_the_tiny_decoder_runs_only_while_previews_are_fetched(tmp_path, monkeypatch, watched) -> None:
+    """For a small model a tiny decode costs as much as several steps: the worker runs it only when
+    a client fetched a preview in the last PREVIEW_WATCH_SECONDS, and keeps just the latent otherwise."""
+    import sdgen.server.worker as worker_module
+    from starlette.testclient import TestClient
+
+    from server_harness import fastapi_app
+    from sdgen.server.app import create_app
+    from sdgen.server.config import ServerConfig
+
+    reference = reference_tiny_autoencoder(upscale=4)
+    path = tmp_path / "taesd_decoder.safetensors"
+    save_file(taesd_names({k: v for k, v in reference.state_dict().items() if k.startswith("decoder.")}), str(path))
+    app = create_app(ServerConfig(data_dir=tmp_path / "data", model=model_without_own_decoder(tmp_path),
+                                  preview_decoder=path, preview_every=1))
+    worker = fastapi_app(app).state.server.worker
+    decoded = []
+    original = worker_module.tiny_preview_pixels
+    monkeypatch.setattr(worker_module, "tiny_preview_pixels", lambda *a: decoded.append(1) or original(*a))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        if watched:
+            worker.preview_png()  # as the progress routes do while a client watches
+        response = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 4, "width": 64,
+                                                          "height": 64, "seed": 1})
+        assert response.status_code == 200, response.text
+    assert worker.tiny_decoder is worker.preview_decoder
+    assert len(decoded) == (4 if watched else 0)
+    assert worker.progress.preview_latents is None  # reset after the job; the previews existed during it
 
 
 def model_without_own_decoder(tmp_path) -> str:

@@ -79,6 +79,9 @@ class Progress:
         return spent / self.fraction() - spent
 
 
+PREVIEW_WATCH_SECONDS = 5.0  # previews fetched this recently: the tiny decoder runs for the next ones
+
+
 class Worker:
     """Runs jobs from `store` one at a time on a daemon thread; loads models from `catalog` on demand."""
 
@@ -89,6 +92,7 @@ class Worker:
         # read at start, so that a wrong path stops `sdgen serve` with one line before it listens
         self.preview_decoder: TinyDecoder | None = load_tiny_decoder(preview_decoder) if preview_decoder else None
         self.tiny_decoder: TinyDecoder | None = None  # the one the loaded model's previews use, if any
+        self._preview_fetched = -float("inf")  # time.monotonic() of the last preview_png()
         self.pipeline = None
         self.loaded: CheckpointEntry | None = None
         self.preview_map: torch.Tensor | None = None
@@ -155,6 +159,7 @@ class Worker:
 
         Encoded once per new preview: clients polling progress many times a second reuse it.
         """
+        self._preview_fetched = time.monotonic()  # someone is watching: tiny-decode the next previews
         with self._lock:
             latents, pixels, weights = self.progress.preview_latents, self.progress.preview_pixels, self.preview_map
             key = (self.progress.job, self.progress.preview_step)
@@ -258,9 +263,11 @@ class Worker:
 
     def _on_step(self, image_index: int, step: int, total: int, denoised: torch.Tensor) -> None:
         preview = bool(self.preview_every) and (step % self.preview_every == 0 or step + 1 == total)
-        # the tiny decoder runs here, on the worker's own threads, not in a request thread
+        # the tiny decoder runs here, on the worker's own threads, not in a request thread, and only
+        # while someone fetches previews: for a small model it costs as much as several steps
+        watched = time.monotonic() - self._preview_fetched < PREVIEW_WATCH_SECONDS
         decoder = self.tiny_decoder
-        pixels = tiny_preview_pixels(decoder, denoised[:1]) if preview and decoder is not None else None
+        pixels = tiny_preview_pixels(decoder, denoised[:1]) if preview and watched and decoder is not None else None
         with self._lock:
             progress = self.progress
             progress.sampling_step, progress.sampling_steps = step + 1, total
