@@ -185,10 +185,11 @@ def model_without_own_decoder(tmp_path) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("case", ["own", "unreadable", "the user's first", "another latent space"])
+@pytest.mark.parametrize("case", ["own", "unreadable", "not asked for", "the user's"])
 def test_a_model_folder_brings_its_own_preview_decoder(tmp_path, capfd, case) -> None:
-    """A folder's tiny_decoder.safetensors (the embedded model ships one) gives the previews when
-    the user passes none that fits; one that cannot be read leaves linear previews and a warning."""
+    """With `--preview-decoder model`, a folder's tiny_decoder.safetensors (the embedded model
+    ships one) gives the previews; one that cannot be read leaves linear previews and a warning.
+    Without the option previews stay linear; with a path, that decoder is used."""
     from starlette.testclient import TestClient
 
     from server_harness import fastapi_app
@@ -203,12 +204,12 @@ def test_a_model_folder_brings_its_own_preview_decoder(tmp_path, capfd, case) ->
         (folder / FOLDER_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     else:
         save_file(own.state_dict(), str(folder / FOLDER_FILE))
-    user = None
-    if case in ("the user's first", "another latent space"):
-        user = tmp_path / "user_decoder.safetensors"
-        reference = reference_tiny_autoencoder(upscale=4 if case == "the user's first" else 8)
-        save_file(taesd_names({k: v for k, v in reference.state_dict().items() if k.startswith("decoder.")}), str(user))
-    app = create_app(ServerConfig(data_dir=tmp_path / "data", model=str(folder), preview_decoder=user))
+    choice = {"own": "model", "unreadable": "model", "not asked for": None, "the user's": tmp_path / "user.safetensors"}
+    if case == "the user's":
+        reference = reference_tiny_autoencoder(upscale=4)
+        save_file(taesd_names({k: v for k, v in reference.state_dict().items() if k.startswith("decoder.")}),
+                  str(choice[case]))
+    app = create_app(ServerConfig(data_dir=tmp_path / "data", model=str(folder), preview_decoder=choice[case]))
     worker = fastapi_app(app).state.server.worker
     with TestClient(app, base_url="http://127.0.0.1") as client:
         response = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2, "width": 64,
@@ -219,10 +220,12 @@ def test_a_model_folder_brings_its_own_preview_decoder(tmp_path, capfd, case) ->
         assert worker.tiny_decoder is None and progress_type == "Approx cheap"
         warning = [line for line in capfd.readouterr().err.splitlines() if FOLDER_FILE in line]
         assert len(warning) == 1 and "previews use the linear map" in warning[0]
-    elif case == "the user's first":
+    elif case == "not asked for":
+        assert worker.tiny_decoder is None and progress_type == "Approx cheap"
+    elif case == "the user's":
         assert worker.tiny_decoder is worker.preview_decoder and progress_type == "TAESD"
     else:
-        assert worker.tiny_decoder is not None and worker.tiny_decoder is not worker.preview_decoder
+        assert worker.tiny_decoder is not None and worker.preview_decoder is None
         assert worker.tiny_decoder.cfg == own.cfg and progress_type == "TAESD"
         assert all(torch.equal(worker.tiny_decoder.state_dict()[k].float(), v) for k, v in own.state_dict().items())
 
@@ -235,3 +238,16 @@ def test_serve_refuses_a_preview_decoder_it_cannot_read(tmp_path) -> None:
     assert server.process.wait(timeout=60) == 2
     output = server.output().strip().splitlines()
     assert len(output) == 1 and "missing.safetensors: no such file or folder" in output[0], output
+
+
+def test_preview_decoder_option_takes_a_path_or_model() -> None:
+    import argparse
+
+    from sdgen.server.arguments import add_serve_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert config_from_args(parser.parse_args(["--preview-decoder", "model"])).preview_decoder == "model"
+    given = config_from_args(parser.parse_args(["--preview-decoder", "~/taesd_decoder.safetensors"])).preview_decoder
+    assert given == Path.home() / "taesd_decoder.safetensors"
+    assert config_from_args(parser.parse_args([])).preview_decoder is None

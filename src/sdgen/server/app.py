@@ -89,7 +89,7 @@ class Server:
         entry = self.catalog.find(self.options.get("sd_model_checkpoint")) or self.catalog.default
         return {"samples_format": "png", "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
                 "show_progress_every_n_steps": self.config.preview_every, "live_previews_enable": True,
-                "show_progress_type": "TAESD" if self.worker.tiny_decoder or self.config.preview_decoder else "Approx cheap",
+                "show_progress_type": "TAESD" if self.worker.tiny_decoder or self.worker.preview_decoder else "Approx cheap",
                 "outdir_samples": str(self.store.outputs),
                 **self.options, "sd_model_checkpoint": entry.title, "sd_checkpoint_hash": entry.sha256}
 

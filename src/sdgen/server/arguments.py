@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from sdgen.pipelines.request import Limits
-from sdgen.server.config import DEFAULT_PORT, ServerConfig, default_data_dir
+from sdgen.server.config import DEFAULT_PORT, MODEL_PREVIEW_DECODER, ServerConfig, default_data_dir
 
 FAST_HELP = ("CPU fast paths: weights prepacked for oneDNN, upsampling convolutions split by output phase;"
              " in bf16, sdgen's compiled attention, GEGLU and GroupNorm kernels where built (rounding changes only)")
@@ -39,9 +39,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-mb", type=float, default=32.0, help="request body cap (413 above it)")
     parser.add_argument("--preview-every", type=int, default=3, help="live preview every N steps (0: none)")
     parser.add_argument("--preview-decoder", default=None, metavar="PATH",
-                        help="previews through this tiny decoder (a TAESD decoder file or AutoencoderTiny folder for "
-                             "the model's latent space) instead of the model folder's own (the embedded model "
-                             "ships one) or the cheap linear map")
+                        help="previews through a tiny decoder instead of the cheap linear map: a TAESD decoder file "
+                             "or AutoencoderTiny folder for the model's latent space, or 'model' for each model "
+                             "folder's own tiny_decoder.safetensors (the embedded model ships one)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -60,7 +60,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_hosts=tuple(args.allowed_host), limits=limits, max_queue=args.queue_size,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), preview_every=max(0, args.preview_every),
         device=args.device, dtype=args.dtype, fast=args.fast,
-        preview_decoder=Path(args.preview_decoder).expanduser() if args.preview_decoder else None)
+        preview_decoder=(MODEL_PREVIEW_DECODER if args.preview_decoder == MODEL_PREVIEW_DECODER else
+                         Path(args.preview_decoder).expanduser() if args.preview_decoder else None))
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from sdgen.pipelines.request import Limits
 
 DEFAULT_PORT = 7860
+MODEL_PREVIEW_DECODER = "model"  # `--preview-decoder model`: each model folder's own tiny_decoder.safetensors
 
 
 def default_data_dir() -> Path:
@@ -34,8 +35,9 @@ class ServerConfig:
     max_queue: int = 32
     max_body_bytes: int = 32 * 1024 * 1024
     preview_every: int = 3
-    preview_decoder: Path | None = None  # a tiny (TAESD) decoder for previews; None: the model folder's own, if
-                                         # it has one (the embedded model does), else the linear "Approx cheap" map
+    # a tiny (TAESD) decoder for previews, or MODEL_PREVIEW_DECODER: each model folder's own (the
+    # embedded model ships one); None: the linear "Approx cheap" map
+    preview_decoder: Path | str | None = None
     device: str = "auto"
     dtype: str = "fp32"
     fast: bool = False  # the CPU fast paths of sdgen.runtime.fast (rounding changes only)

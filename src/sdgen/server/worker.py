@@ -30,6 +30,7 @@ from sdgen.pipelines.loading import embedded_model_path
 from sdgen.pipelines.request import GenerationRequest, Img2ImgRequest
 from sdgen.runtime.fast import accelerate, accelerate_pipeline
 from sdgen.server.catalog import Catalog, CheckpointEntry
+from sdgen.server.config import MODEL_PREVIEW_DECODER
 from sdgen.server.previews import fit_preview_map, png_bytes, preview_image, tiny_preview_pixels
 from sdgen.server.store import Job, Store
 
@@ -86,11 +87,13 @@ class Worker:
     """Runs jobs from `store` one at a time on a daemon thread; loads models from `catalog` on demand."""
 
     def __init__(self, store: Store, catalog: Catalog, *, device: str = "auto", dtype: str = "fp32", fast: bool = False,
-                 preview_every: int = 3, preview_decoder: Path | None = None):
+                 preview_every: int = 3, preview_decoder: Path | str | None = None):
         self.store, self.catalog = store, catalog
         self.device, self.dtype, self.fast, self.preview_every = device, dtype, fast, preview_every
         # read at start, so that a wrong path stops `sdgen serve` with one line before it listens
-        self.preview_decoder: TinyDecoder | None = load_tiny_decoder(preview_decoder) if preview_decoder else None
+        self.folder_decoders = preview_decoder == MODEL_PREVIEW_DECODER  # each model folder's own
+        self.preview_decoder: TinyDecoder | None = (
+            load_tiny_decoder(preview_decoder) if preview_decoder and not self.folder_decoders else None)
         self.tiny_decoder: TinyDecoder | None = None  # the one the loaded model's previews use, if any
         self._preview_fetched = -float("inf")  # time.monotonic() of the last preview_png()
         self.pipeline = None
@@ -242,15 +245,15 @@ class Worker:
         return entry
 
     def _fitting_tiny_decoder(self, entry: CheckpointEntry, pipeline) -> TinyDecoder | None:
-        """The user's preview decoder if it fits the model's latents, else the model folder's own
-        (the embedded model has one), else None: linear previews. A folder's file that cannot be
-        read costs only the better previews."""
+        """The preview decoder for this model: the user's if it fits the model's latents, or with
+        `--preview-decoder model` the model folder's own; None: linear previews. A folder's file
+        that cannot be read costs only the better previews."""
         def fits(decoder: TinyDecoder | None) -> bool:
             return (decoder is not None and decoder.cfg.latent_channels == pipeline.vae.cfg.latent_channels
                     and decoder.upscale == pipeline.latent_factor)
 
-        if fits(self.preview_decoder):
-            return self.preview_decoder
+        if not self.folder_decoders:
+            return self.preview_decoder if fits(self.preview_decoder) else None
         path = folder_tiny_decoder(entry.path) if entry.path is None or entry.path.is_dir() else None
         if path is None:
             return None
