@@ -8,7 +8,8 @@ the product comes back in the input's dtype with the bias added. The cost is rou
 relative error per layer against bf16's 0.3%, which changes images (measured in RESULTS.md).
 
 Only layers big enough to gain take this path (`MIN_CHANNELS` inputs and outputs, `MIN_ROWS`
-rows); the others keep the bf16 path. Training and other devices always take the plain path. `fast._int8_forward` runs the layers.
+rows); the others keep the bf16 path. Training and other devices always take the plain path.
+`fast._int8_forward` runs the layers; this module quantizes.
 """
 
 from __future__ import annotations
