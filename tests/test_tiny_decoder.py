@@ -40,6 +40,24 @@ def taesd_names(decoder_state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return renamed
 
 
+def taesd_decoder_file(path: Path, upscale: int) -> Path:
+    """A random TAESD-shaped decoder saved at `path` in TAESD's own key names."""
+    reference = reference_tiny_autoencoder(upscale=upscale)
+    save_file(taesd_names({k: v for k, v in reference.state_dict().items() if k.startswith("decoder.")}), str(path))
+    return path
+
+
+def previewing_server(tmp_path, preview_decoder, **options):
+    """A server app on the embedded model without its own decoder, and its worker."""
+    from server_harness import fastapi_app
+    from sdgen.server.app import create_app
+    from sdgen.server.config import ServerConfig
+
+    app = create_app(ServerConfig(data_dir=tmp_path / "data", model=model_without_own_decoder(tmp_path),
+                                  preview_decoder=preview_decoder, **options))
+    return app, fastapi_app(app).state.server.worker
+
+
 @pytest.fixture(scope="module")
 def reference():
     return reference_tiny_autoencoder()
@@ -105,17 +123,10 @@ def test_server_previews_go_through_the_tiny_decoder(tmp_path, monkeypatch, upsc
     from PIL import Image
     from starlette.testclient import TestClient
 
-    from server_harness import fastapi_app
-    from sdgen.server.app import create_app
-    from sdgen.server.config import ServerConfig
     from sdgen.server.previews import tiny_preview_pixels
 
-    reference = reference_tiny_autoencoder(upscale=upscale)
-    path = tmp_path / "taesd_decoder.safetensors"
-    save_file(taesd_names({k: v for k, v in reference.state_dict().items() if k.startswith("decoder.")}), str(path))
-    app = create_app(ServerConfig(data_dir=tmp_path / "data", model=model_without_own_decoder(tmp_path),
-                                  preview_decoder=path, preview_every=2))
-    worker = fastapi_app(app).state.server.worker
+    path = taesd_decoder_file(tmp_path / "taesd_decoder.safetensors", upscale)
+    app, worker = previewing_server(tmp_path, path, preview_every=2)
     seen = []
     on_step = worker._on_step
 
@@ -149,16 +160,8 @@ def test_the_tiny_decoder_runs_only_while_previews_are_fetched(tmp_path, monkeyp
     import sdgen.server.worker as worker_module
     from starlette.testclient import TestClient
 
-    from server_harness import fastapi_app
-    from sdgen.server.app import create_app
-    from sdgen.server.config import ServerConfig
-
-    reference = reference_tiny_autoencoder(upscale=4)
-    path = tmp_path / "taesd_decoder.safetensors"
-    save_file(taesd_names({k: v for k, v in reference.state_dict().items() if k.startswith("decoder.")}), str(path))
-    app = create_app(ServerConfig(data_dir=tmp_path / "data", model=model_without_own_decoder(tmp_path),
-                                  preview_decoder=path, preview_every=1))
-    worker = fastapi_app(app).state.server.worker
+    path = taesd_decoder_file(tmp_path / "taesd_decoder.safetensors", 4)
+    app, worker = previewing_server(tmp_path, path, preview_every=1)
     decoded = []
     original = worker_module.tiny_preview_pixels
     monkeypatch.setattr(worker_module, "tiny_preview_pixels", lambda *a: decoded.append(1) or original(*a))
@@ -206,9 +209,7 @@ def test_a_model_folder_brings_its_own_preview_decoder(tmp_path, capfd, case) ->
         save_file(own.state_dict(), str(folder / FOLDER_FILE))
     choice = {"own": "model", "unreadable": "model", "not asked for": None, "the user's": tmp_path / "user.safetensors"}
     if case == "the user's":
-        reference = reference_tiny_autoencoder(upscale=4)
-        save_file(taesd_names({k: v for k, v in reference.state_dict().items() if k.startswith("decoder.")}),
-                  str(choice[case]))
+        taesd_decoder_file(choice[case], 4)
     app = create_app(ServerConfig(data_dir=tmp_path / "data", model=str(folder), preview_decoder=choice[case]))
     worker = fastapi_app(app).state.server.worker
     with TestClient(app, base_url="http://127.0.0.1") as client:
