@@ -150,7 +150,8 @@ def load_tiny_decoder(path: str | Path, *, device: str | torch.device = "cpu",
 
 
 def folder_tiny_decoder(model_path: str | Path | None) -> Path | None:
-    """The preview decoder a model folder ships beside its VAE (None: the embedded model), if any."""
+    """The preview decoder a model folder ships beside its VAE (None: the embedded model), if any;
+    None for a single-file model."""
     if model_path is None:
         from sdgen.pipelines.loading import embedded_model_path
 

@@ -254,7 +254,7 @@ class Worker:
 
         if not self.folder_decoders:
             return self.preview_decoder if fits(self.preview_decoder) else None
-        path = folder_tiny_decoder(entry.path) if entry.path is None or entry.path.is_dir() else None
+        path = folder_tiny_decoder(entry.path)
         if path is None:
             return None
         try:

@@ -144,7 +144,7 @@ def evaluate(model: str | None = None, prompts_file: str | None = None, *, count
     import sdgen
 
     pipe = sdgen.load(model)
-    decoder_path = folder_tiny_decoder(model) if model is None or Path(model).is_dir() else None
+    decoder_path = folder_tiny_decoder(model)
     decoder = load_tiny_decoder(decoder_path, device=pipe.device) if decoder_path else None
     denoised: dict[str, list[torch.Tensor]] = {"final": [], "previews": []}
 
