@@ -19,7 +19,7 @@ from sdgen.pipelines.request import RequestError, check_int_range
 from sdgen.server import a1111, native
 from sdgen.server.catalog import Catalog
 from sdgen.server.config import ServerConfig
-from sdgen.server.progress import ProgressShortcut
+from sdgen.server.progress import ProgressShortcut, polling_protocol
 from sdgen.server.security import Guard
 from sdgen.server.store import FINAL, Job, QueueFull, Store
 from sdgen.server.worker import Worker
@@ -182,5 +182,6 @@ def serve(config: ServerConfig) -> None:
     host = "[::1]" if config.host == "::1" else config.host
     print(f"sdgen: serving on http://{host}:{config.port}/ (data in {server.store.data_dir})",
           file=sys.stderr, flush=True)
-    uvicorn.run(create_app(config, server), host=config.host, port=config.port, log_level="warning",
-                timeout_graceful_shutdown=5)
+    app = create_app(config, server)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", timeout_graceful_shutdown=5,
+                http=polling_protocol(app, server))

@@ -77,24 +77,29 @@ class Guard:
         parts = urlsplit(origin)
         return origin != "null" and parts.scheme in ("http", "https") and parts.netloc.lower() == host.lower()
 
+    def refusal(self, method: str, headers: dict[str, str]) -> tuple[int, str, dict[str, str]] | None:
+        """Why a request with these (lower-cased) headers is refused: (status, detail, extra headers),
+        or None when it may go on. The same decision for every way a request arrives."""
+        host = headers.get("host", "")
+        if not self.any_host and _split_host(host) not in self.allowed_hosts:
+            return 403, f"unknown Host header {host!r}; start the server with --allowed-host", {}
+        if not self._authorized(headers.get("authorization")):
+            return 401, "Incorrect username or password", {"WWW-Authenticate": 'Basic realm="sdgen"'}
+        if method not in SAFE_METHODS and not self._origin_allowed(headers, host):
+            return 403, "cross-origin request refused", {}
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            return 413, f"request body over {self.max_body_bytes} bytes", {}
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        host = headers.get("host", "")
-        if not self.any_host and _split_host(host) not in self.allowed_hosts:
-            await _reply(send, 403, f"unknown Host header {host!r}; start the server with --allowed-host")
-            return
-        if not self._authorized(headers.get("authorization")):
-            await _reply(send, 401, "Incorrect username or password", {"WWW-Authenticate": 'Basic realm="sdgen"'})
-            return
-        if scope["method"] not in SAFE_METHODS and not self._origin_allowed(headers, host):
-            await _reply(send, 403, "cross-origin request refused")
-            return
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            await _reply(send, 413, f"request body over {self.max_body_bytes} bytes")
+        refused = self.refusal(scope["method"], headers)
+        if refused is not None:
+            await _reply(send, *refused)
             return
         await self._call_capped(scope, receive, send)
 
