@@ -96,21 +96,22 @@ def queued_jobs(client: httpx.Client, pid: int, request: dict, count: int, timeo
             "rss_after_first_quarter": samples[len(samples) // 4]}
 
 
+def read_more(sock: socket.socket, buffer: bytes) -> bytes:
+    data = sock.recv(65536)
+    if not data:
+        raise SystemExit("load_test: the server closed the polling connection")
+    return buffer + data
+
+
 def read_response(sock: socket.socket, buffer: bytes) -> tuple[int, bytes, bytes]:
     """(status, body, bytes left over) of one Content-Length framed response read from `sock`."""
     while b"\r\n\r\n" not in buffer:
-        data = sock.recv(65536)
-        if not data:
-            raise SystemExit("load_test: the server closed the polling connection")
-        buffer += data
+        buffer = read_more(sock, buffer)
     head, _, buffer = buffer.partition(b"\r\n\r\n")
     status_line, *lines = head.split(b"\r\n")
     length = next(int(line.split(b":", 1)[1]) for line in lines if line.lower().startswith(b"content-length:"))
     while len(buffer) < length:
-        data = sock.recv(65536)
-        if not data:
-            raise SystemExit("load_test: the server closed the polling connection")
-        buffer += data
+        buffer = read_more(sock, buffer)
     return int(status_line.split()[1]), buffer[:length], buffer[length:]
 
 
