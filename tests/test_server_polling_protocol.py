@@ -224,3 +224,35 @@ def test_a_poll_it_accepts_reads_the_same_in_h11(query, headers, host):
     assert parsed[0] == (b"" if query is None else query.encode())
     assert {k.decode(): v.decode() for k, v in event.headers} == parsed[1]
     assert isinstance(connection.next_event(), h11.EndOfMessage)
+
+
+def _resident_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_clients_that_never_read_do_not_grow_the_server(servers):
+    """Polls written for 3 s on two connections and never read: the answers wait in bounded
+    buffers (the server stops reading), memory stays flat and another client is answered."""
+    polling, _ = servers
+    before = _resident_mib()
+    floods = [socket.create_connection(("127.0.0.1", polling)) for _ in range(2)]
+    sent, deadline = 0, time.monotonic() + 3
+    try:
+        for flood in floods:
+            flood.setblocking(False)
+        while time.monotonic() < deadline:
+            for flood in floods:
+                try:
+                    flood.send(POLL)
+                    sent += 1
+                except BlockingIOError:
+                    time.sleep(0.001)
+        assert answers(polling, [POLL], 1)[0][0] == 200
+        assert sent > 10_000
+        assert _resident_mib() - before < 100, f"{sent} polls grew this process by {_resident_mib() - before:.0f} MiB"
+    finally:
+        for flood in floods:
+            flood.close()
