@@ -92,8 +92,9 @@ def router(server: "Server") -> APIRouter:
     @api.get("/progress", response_model=schemas.ProgressResponse)
     async def progress(skip_current_image: bool = False) -> schemas.ProgressResponse:
         """The running job's progress (0..1), ETA and A1111 state; `current_image` is the cheap preview."""
-        # Polls normally take the shortcut in `progress.ProgressShortcut`; this route documents the
-        # schema and answers the queries the shortcut leaves to FastAPI's validation.
+        # Polls are normally answered before this (`progress.polling_protocol` at the socket,
+        # `progress.ProgressShortcut` in ASGI); this route documents the schema and answers the
+        # queries they leave to FastAPI's validation.
         return progress_response(server, skip_current_image)
 
     @api.post("/interrupt")
