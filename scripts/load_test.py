@@ -142,8 +142,16 @@ def poll_progress(base_url: str, stop: threading.Event, latencies: list[float]) 
         raise SystemExit("load_test: progress answered without a progress field")
 
 
-def timed_generation(client: httpx.Client, request: dict, poll: bool, latencies: list[float]) -> float:
-    """Seconds for one /sdapi/v1/txt2img, optionally with another client polling progress at 50 Hz."""
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """CPU time a thread of another process has run, from /proc (schedstat: nanoseconds on a CPU)."""
+    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+
+
+def timed_generation(client: httpx.Client, pid: int, request: dict, poll: bool,
+                     latencies: list[float]) -> tuple[float, float]:
+    """Seconds for one /sdapi/v1/txt2img, optionally with another client polling progress at 50 Hz,
+    and the CPU seconds the server's event loop (its main thread) used meanwhile."""
+    loop_cpu = thread_cpu_seconds(pid, pid)
     stop = threading.Event()
     thread = threading.Thread(target=poll_progress, args=(str(client.base_url), stop, latencies), daemon=True)
     if poll:
@@ -154,10 +162,10 @@ def timed_generation(client: httpx.Client, request: dict, poll: bool, latencies:
     stop.set()
     if poll:
         thread.join()
-    return seconds
+    return seconds, thread_cpu_seconds(pid, pid) - loop_cpu
 
 
-def report(queue: dict, plain: list[float], polled: list[float], latencies: list[float]) -> str:
+def report(queue: dict, plain: list[float], polled: list[float], latencies: list[float], loop_cpu: float) -> str:
     rate = (len(latencies) - len(polled)) / sum(polled)  # intervals: each round's first poll is at 0 s
     mib = lambda kib: f"{kib / 1024:.0f} MiB"  # noqa: E731
     # each round times a plain and a polled generation back to back; the median of their ratios
@@ -175,6 +183,7 @@ def report(queue: dict, plain: list[float], polled: list[float], latencies: list
         ("progress answer while generating: median / 95th percentile / max",
          " / ".join(f"{statistics.quantiles(latencies, n=100)[q] * 1000:.1f} ms" for q in (49, 94))
          + f" / {max(latencies) * 1000:.1f} ms"),
+        ("server event-loop CPU per poll while generating", f"{loop_cpu / len(latencies) * 1000:.2f} ms"),
         ("slowdown from polling (median of the rounds' ratios)", f"{slowdown:+.1f}%"),
     ]
     return "\n".join(["| measure | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
@@ -201,17 +210,21 @@ def main(argv: list[str] | None = None) -> int:
         process, url = start_server(args.model, Path(data), args.threads, args.timeout, args.serve_arg)
         try:
             with httpx.Client(base_url=url, timeout=args.timeout) as client:
-                timed_generation(client, request, poll=False, latencies=[])  # loads the model
+                timed_generation(client, process.pid, request, poll=False, latencies=[])  # loads the model
                 queue = queued_jobs(client, process.pid, {**request, "steps": max(1, args.steps // 4)},
                                     args.jobs, args.timeout)
-                plain, polled, latencies = [], [], []
+                plain, polled, latencies, loop_cpu = [], [], [], 0.0
                 for _ in range(args.rounds):
-                    plain.append(timed_generation(client, request, poll=False, latencies=latencies))
-                    polled.append(timed_generation(client, request, poll=True, latencies=latencies))
+                    seconds, cpu = timed_generation(client, process.pid, request, poll=False, latencies=latencies)
+                    plain.append(seconds)
+                    loop_cpu -= cpu  # what the event loop does anyway (the txt2img request itself)
+                    seconds, cpu = timed_generation(client, process.pid, request, poll=True, latencies=latencies)
+                    polled.append(seconds)
+                    loop_cpu += cpu
         finally:
             process.terminate()
             process.wait(timeout=60)
-    print(report(queue, plain, polled, latencies))
+    print(report(queue, plain, polled, latencies, loop_cpu))
     return 0 if queue["in_order"] and queue["done"] == queue["jobs"] else 1
 
 

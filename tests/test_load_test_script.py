@@ -20,5 +20,6 @@ def test_load_test_script_reports_every_row():
     table = done.stdout
     assert "| queued jobs finished | 4 of 4 in" in table
     assert "| finished in the order queued | yes |" in table
-    for row in ("server RSS before", "server RSS max sampled", "polls answered per second", "slowdown from polling"):
+    for row in ("server RSS before", "server RSS max sampled", "polls answered per second",
+                "server event-loop CPU per poll", "slowdown from polling"):
         assert f"| {row}" in table
